@@ -1,0 +1,33 @@
+"""copd_megatron: Co-Evolving Policy Distillation (CoPD) on Megatron-Core."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="copd_megatron",
+    version="0.1.0",
+    description="Co-Evolving Policy Distillation (K co-evolving RLVR branches with mutual OPD) on Megatron-Core",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.12",
+    packages=find_packages(include=["copd_megatron", "copd_megatron.*"]),
+    install_requires=[
+        "megatron-core==0.19.*",
+        "torch",
+        "sentencepiece",
+        "pyyaml",
+        "psutil",
+        "numpy",
+        "math-verify",
+    ],
+    extras_require={
+        # GPU path: imported lazily, never at module import time.
+        "gpu": ["transformer-engine[pytorch]", "apex"],
+        "rollout": ["vllm"],
+        "test": ["pytest", "pytest-timeout"],
+    },
+    entry_points={
+        "console_scripts": [
+            "copd-train=copd_megatron.cli:train_main",
+        ],
+    },
+)
