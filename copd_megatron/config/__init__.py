@@ -1,0 +1,24 @@
+"""Configuration: typed schema, strict YAML loading with overrides, cross-section validation."""
+
+from copd_megatron.config.load import config_from_dict, config_to_dict, dump_config, load_config
+from copd_megatron.config.presets import PRESETS
+from copd_megatron.config.schema import (
+    BranchConfig,
+    CheckpointConfig,
+    Config,
+    ConfigError,
+    LoggingConfig,
+    ModelConfig,
+    OptimizerConfig,
+    ParallelConfig,
+    PrecisionConfig,
+    RolloutConfig,
+    ScheduleConfig,
+)
+from copd_megatron.config.validate import validate
+
+__all__ = [
+    "PRESETS", "BranchConfig", "CheckpointConfig", "Config", "ConfigError", "LoggingConfig",
+    "ModelConfig", "OptimizerConfig", "ParallelConfig", "PrecisionConfig", "RolloutConfig",
+    "ScheduleConfig", "config_from_dict", "config_to_dict", "dump_config", "load_config", "validate",
+]  # fmt: skip

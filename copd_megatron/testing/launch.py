@@ -101,7 +101,7 @@ def run_distributed(
         ctx.Process(
             target=_child,
             args=(fn, r, world_size, port, tuple(args), kwargs or {}, env or {}, result_q, pg_timeout_s),
-            daemon=True,
+            daemon=False,  # dist_checkpointing starts child processes of its own
         )
         for r in range(world_size)
     ]

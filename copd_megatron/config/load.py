@@ -1,0 +1,186 @@
+"""Load a :class:`Config` from YAML plus dotted ``key=value`` overrides, strictly.
+
+    cfg = load_config("configs/demo_cpu.yaml", ["parallel.tp=2", "branches.0.beta=0.5"])
+
+Values of overrides are parsed as YAML scalars (``4`` → int, ``1e-6`` → float, ``null`` → None,
+``[a, b]`` → list). Every problem is a :class:`ConfigError` whose message is one line naming
+the file, the dotted key, what was found and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from copd_megatron.config.schema import Config, ConfigError
+from copd_megatron.config.presets import PRESETS
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it converted (int→float only)."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _convert(value, arg, key)
+            except ConfigError as e:
+                errors.append(e)
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{key}: {value!r} is not allowed; expected {_type_name(tp)}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+        (item_tp,) = typing.get_args(tp)
+        return [_convert(v, item_tp, f"{key}.{i}") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
+        return _build(tp, value, key)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected bool (true/false), got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected int, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected float, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected str, got {value!r}")
+        return value
+    if tp is Any:
+        return value
+    raise ConfigError(f"{key}: unsupported annotation {tp!r}")  # a schema bug, not a user mistake
+
+
+def _build(cls: type, data: dict, prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for k in data:
+        if k not in names:
+            where = f"{prefix}.{k}" if prefix else str(k)
+            close = difflib.get_close_matches(str(k), names, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"{where}: unknown key{hint}; allowed: {', '.join(names)}")
+    kwargs = {k: _convert(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _apply_override(tree: dict, item: str) -> None:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected dotted key=value, e.g. parallel.tp=2")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    parts = key.strip().split(".")
+    node: Any = tree
+    for i, part in enumerate(parts[:-1]):
+        where = ".".join(parts[: i + 1])
+        if isinstance(node, dict) and parts[i + 1].isdigit() and not isinstance(node.get(part), list):
+            raise ConfigError(f"{where}: has no list items to override with {key}; define the list in the file")
+        if isinstance(node, list):
+            node = _list_item(node, part, where)
+        else:
+            node = node.setdefault(part, {})
+        if not isinstance(node, (dict, list)):
+            raise ConfigError(f"{where}: is a value, cannot set a key below it ({key})")
+    last = parts[-1]
+    if isinstance(node, list):
+        _list_item(node, last, key)
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def _list_item(node: list, part: str, where: str) -> Any:
+    if not part.isdigit() or int(part) >= len(node):
+        raise ConfigError(f"{where}: expected a list index below {len(node)}, got {part!r}")
+    return node[int(part)]
+
+
+def _apply_preset(tree: dict) -> None:
+    """Fill ``model`` from its preset; explicit model keys win over the preset."""
+    model = tree.get("model")
+    if not isinstance(model, dict) or model.get("preset") is None:
+        return
+    name = model["preset"]
+    if name not in PRESETS:
+        raise ConfigError(f"model.preset: unknown preset {name!r}; expected one of {', '.join(sorted(PRESETS))}")
+    tree["model"] = {**PRESETS[name], **model}
+
+
+def config_from_dict(tree: dict, overrides: list[str] | None = None, source: str = "<dict>") -> Config:
+    """Build a validated-per-field :class:`Config` from a plain mapping plus overrides."""
+    tree = dict(tree)
+    try:
+        for item in overrides or []:
+            _apply_override(tree, item)
+        _apply_preset(tree)
+        return _build(Config, tree, "")
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML file (or nothing: defaults) and apply ``key=value`` overrides."""
+    tree: dict = {}
+    source = "<defaults>"
+    if path is not None:
+        source = str(path)
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{source}: config file not found")
+        try:
+            tree = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            line = f":{mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"{source}{line}: invalid YAML ({getattr(e, 'problem', e)})") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{source}: expected a mapping of sections at the top level")
+    return config_from_dict(tree, overrides, source)
+
+
+def config_to_dict(cfg: Config) -> dict:
+    """The resolved config as plain data (written into the run directory)."""
+    return dataclasses.asdict(cfg)
+
+
+def dump_config(cfg: Config, path: str | Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

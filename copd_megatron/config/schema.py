@@ -1,0 +1,315 @@
+"""The configuration schema: typed dataclasses, one per section, a docstring under every field.
+
+YAML files in ``configs/`` are instances of :class:`Config`; ``config.load`` reads them
+strictly (unknown keys and wrong types are errors) and applies dotted ``key=value`` overrides.
+Checks that involve one field live in ``__post_init__``; checks that involve several
+sections or the world size live in ``config.validate`` and run before any process group.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+
+class ConfigError(ValueError):
+    """A user mistake in a config file or override: reported as one line, exit code 2."""
+
+
+def _require(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: {msg}")
+
+
+@dataclass
+class ModelConfig:
+    """A Llama-style decoder (RMSNorm, SwiGLU, RoPE, GQA). ``preset`` fills every field
+    first; fields given explicitly next to it override the preset (see ``model/presets.py``)."""
+
+    preset: Optional[str] = None
+    """Name of a shape preset (``tiny``, ``llama3-8b``, ``qwen2.5-7b``, ``qwen3-8b``, ...)."""
+    num_layers: int = 2
+    """Transformer layers; must be divisible by ``parallel.pp`` (× ``parallel.vpp``)."""
+    hidden_size: int = 64
+    """Model width."""
+    ffn_hidden_size: int = 176
+    """MLP inner width (per gate/up projection for SwiGLU)."""
+    num_attention_heads: int = 4
+    """Query heads; must be divisible by ``parallel.tp``."""
+    num_query_groups: Optional[int] = 2
+    """Key/value heads for GQA (null = multi-head attention); divisible by ``parallel.tp``."""
+    kv_channels: Optional[int] = None
+    """Head dimension (null = hidden_size / num_attention_heads; Qwen3 sets 128)."""
+    vocab_size: int = 512
+    """True tokenizer vocabulary; the model pads it (see ``make_vocab_size_divisible_by``)."""
+    make_vocab_size_divisible_by: int = 128
+    """Pad the vocabulary to a multiple of this × ``parallel.tp``; padded ids are never sampled."""
+    seq_length: int = 256
+    """Maximum sequence length (prompt + response) used for RoPE and buffers."""
+    rotary_base: float = 10000.0
+    """RoPE theta (Llama-3: 500000, Qwen2.5/Qwen3: 1000000)."""
+    rotary_percent: float = 1.0
+    """Fraction of each head's dimensions that RoPE rotates."""
+    rope_scaling: bool = False
+    """Llama-3.1-style RoPE frequency scaling."""
+    rope_scaling_factor: float = 8.0
+    """Scale factor used when ``rope_scaling`` is on."""
+    normalization: Literal["RMSNorm", "LayerNorm"] = "RMSNorm"
+    """Normalisation layer type."""
+    norm_epsilon: float = 1e-5
+    """Epsilon of the normalisation layers."""
+    activation: Literal["swiglu", "gelu"] = "swiglu"
+    """MLP activation; ``swiglu`` uses a fused gate/up projection."""
+    add_qkv_bias: bool = False
+    """Bias on the QKV projection only (Qwen2/2.5)."""
+    add_bias_linear: bool = False
+    """Bias on every linear layer (Llama and Qwen have none)."""
+    qk_layernorm: bool = False
+    """RMSNorm on queries and keys per head (Qwen3)."""
+    tie_embeddings: bool = False
+    """Share the input embedding and the output layer (small Llama-3.2 / Qwen models)."""
+    init_method_std: float = 0.02
+    """Std of the normal initialisation of weights."""
+    hidden_dropout: float = 0.0
+    """Dropout after attention and MLP (RL post-training uses 0)."""
+    attention_dropout: float = 0.0
+    """Dropout on attention probabilities."""
+    num_moe_experts: Optional[int] = None
+    """MoE experts per layer (null = dense). Needed for ``parallel.ep`` > 1."""
+    transformer_impl: Literal["auto", "local", "transformer_engine"] = "auto"
+    """Layer implementation: ``auto`` = Transformer Engine when importable on CUDA, else local."""
+
+    def __post_init__(self) -> None:
+        for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "vocab_size", "seq_length"):
+            _require(getattr(self, name) > 0, f"model.{name}", f"must be > 0, got {getattr(self, name)}")
+        _require(
+            self.kv_channels is not None or self.hidden_size % self.num_attention_heads == 0,
+            "model.hidden_size",
+            f"{self.hidden_size} is not divisible by model.num_attention_heads={self.num_attention_heads}; "
+            "set model.kv_channels explicitly",
+        )
+        if self.num_query_groups is not None:
+            _require(
+                self.num_attention_heads % self.num_query_groups == 0,
+                "model.num_query_groups",
+                f"{self.num_query_groups} must divide model.num_attention_heads={self.num_attention_heads}",
+            )
+
+
+@dataclass
+class ParallelConfig:
+    """How one branch is sharded. The data-parallel size is derived: world / (tp·pp·cp)."""
+
+    tp: int = 1
+    """Tensor parallel size: divides attention heads, query groups and the padded vocabulary."""
+    pp: int = 1
+    """Pipeline parallel size: divides ``model.num_layers``."""
+    dp: Optional[int] = None
+    """Data parallel size; null = derived from the world size. If set, it must match."""
+    cp: int = 1
+    """Context parallel size (accepted; the CPU path does not exercise it yet)."""
+    ep: int = 1
+    """Expert parallel size (MoE only; accepted, not exercised on CPU yet)."""
+    vpp: Optional[int] = None
+    """Virtual pipeline stages per rank (interleaved 1F1B); needs pp > 1."""
+    sequence_parallel: bool = False
+    """Megatron sequence parallelism in the TP region (needs tp > 1)."""
+    micro_batch_size: int = 1
+    """Sequences per micro-batch on one data-parallel rank."""
+    use_distributed_optimizer: bool = True
+    """Shard optimizer state across data-parallel ranks (ZeRO-1)."""
+    overlap_grad_reduce: bool = False
+    """Overlap the data-parallel gradient reduce-scatter with backward (GPU)."""
+    overlap_param_gather: bool = False
+    """Overlap the distributed optimizer's parameter all-gather with forward (GPU)."""
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+    """torch.distributed backend: ``auto`` = nccl with CUDA, gloo without."""
+
+    def __post_init__(self) -> None:
+        for name in ("tp", "pp", "cp", "ep", "micro_batch_size"):
+            _require(getattr(self, name) >= 1, f"parallel.{name}", f"must be >= 1, got {getattr(self, name)}")
+        _require(self.dp is None or self.dp >= 1, "parallel.dp", f"must be >= 1 or null, got {self.dp}")
+        if self.vpp is not None:
+            _require(self.vpp >= 1, "parallel.vpp", f"must be >= 1 or null, got {self.vpp}")
+            _require(self.pp > 1, "parallel.vpp", f"virtual pipeline stages need parallel.pp > 1, got pp={self.pp}")
+        _require(
+            not self.sequence_parallel or self.tp > 1,
+            "parallel.sequence_parallel",
+            "needs parallel.tp > 1 (set it to false for tp=1)",
+        )
+
+
+@dataclass
+class PrecisionConfig:
+    """Numeric formats. FP8 goes through Transformer Engine and needs a CUDA machine."""
+
+    params_dtype: Literal["fp32", "bf16", "fp16"] = "bf16"
+    """Dtype of the model weights and activations (the optimizer keeps fp32 master weights)."""
+    fp8: Optional[Literal["e4m3", "hybrid"]] = None
+    """FP8 format for linear layers (null = off). Needs Transformer Engine."""
+    fp8_recipe: Literal["delayed", "tensorwise", "mxfp8", "blockwise"] = "delayed"
+    """Transformer Engine FP8 scaling recipe."""
+    grad_reduce_in_fp32: bool = True
+    """Reduce gradients across data-parallel ranks in fp32."""
+
+
+@dataclass
+class OptimizerConfig:
+    """One optimizer per branch (each branch owns its state and LR schedule)."""
+
+    name: Literal["adam", "sgd"] = "adam"
+    """Optimizer (Adam is AdamW with decoupled weight decay in Megatron)."""
+    lr: float = 1e-6
+    """Peak learning rate (the paper: constant 1e-6)."""
+    min_lr: float = 0.0
+    """Floor of the decaying schedules."""
+    lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
+    """Learning-rate schedule after warm-up."""
+    warmup_steps: int = 0
+    """Linear warm-up steps."""
+    weight_decay: float = 0.01
+    """Decoupled weight decay."""
+    adam_beta1: float = 0.9
+    """Adam beta1."""
+    adam_beta2: float = 0.999
+    """Adam beta2."""
+    adam_eps: float = 1e-8
+    """Adam epsilon."""
+    sgd_momentum: float = 0.0
+    """Momentum when ``name`` is ``sgd``."""
+    clip_grad: float = 1.0
+    """Global gradient-norm clip (0 = off)."""
+    offload_inactive: bool = False
+    """Move an inactive branch's optimizer state to CPU memory while other branches train."""
+
+    def __post_init__(self) -> None:
+        _require(self.lr >= 0, "optimizer.lr", f"must be >= 0, got {self.lr}")
+        _require(self.clip_grad >= 0, "optimizer.clip_grad", f"must be >= 0, got {self.clip_grad}")
+        _require(self.warmup_steps >= 0, "optimizer.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+
+
+@dataclass
+class BranchConfig:
+    """One co-evolving branch: its capability data, verifier and OPD strength."""
+
+    name: str = "branch"
+    """Unique branch name (used in metrics as ``branch/<name>/...`` and checkpoint paths)."""
+    data: Optional[str] = None
+    """Prompt data: a JSONL/Parquet path, or ``synthetic:<family>`` for generated tasks."""
+    verifier: Optional[str] = None
+    """Registered verifier name scoring this branch's completions."""
+    beta: float = 1.0
+    """β_k: weight of the cross-branch OPD advantage β·(log π_teacher − log π_student)."""
+    difficulty: int = 2
+    """Difficulty knob of synthetic task families."""
+
+
+@dataclass
+class ScheduleConfig:
+    """The CoPD rhythm: N cycles of Phase I (S_RL GRPO steps) then Phase II (S_OPD mixed steps)."""
+
+    mode: Literal["copd", "expert", "mixed", "static_opd", "mopd", "smoke"] = "copd"
+    """Recipe: CoPD or one of the baselines run by the same trainer (``smoke`` = LM steps only)."""
+    cycles: int = 1
+    """N: number of Phase I + Phase II cycles."""
+    s_rl: int = 3
+    """S_RL: GRPO steps per branch in Phase I."""
+    s_opd: int = 2
+    """S_OPD: mixed native + cross-branch steps per branch in Phase II."""
+    train_steps: int = 10
+    """Optimizer steps for ``mode: smoke`` (and a cap for the others when > 0)."""
+    topology: Literal["full", "hub", "edges"] = "full"
+    """Who teaches whom: all pairs, hub ↔ every spoke, or the explicit ``edges`` list."""
+    hub: Optional[str] = None
+    """The hub branch when ``topology: hub``."""
+    edges: list[list[str]] = field(default_factory=list)
+    """Explicit undirected teacher pairs [[a, b], ...] when ``topology: edges``."""
+    native_fraction: float = 0.5
+    """Share of a Phase II batch that is native GRPO samples (the rest are cross samples)."""
+    opd_loss: Literal["sampled", "reverse_kl", "forward_kl", "jsd", "topk_kl"] = "sampled"
+    """OPD signal: the paper's sampled-token advantage, or a full-vocab / top-k divergence."""
+    overlap_k: int = 10
+    """k of the top-k overlap health metric."""
+
+    def __post_init__(self) -> None:
+        for name in ("cycles", "s_rl", "s_opd", "train_steps", "overlap_k"):
+            _require(getattr(self, name) >= 0, f"schedule.{name}", f"must be >= 0, got {getattr(self, name)}")
+        _require(
+            0.0 <= self.native_fraction <= 1.0,
+            "schedule.native_fraction",
+            f"must be in [0, 1], got {self.native_fraction}",
+        )
+
+
+@dataclass
+class RolloutConfig:
+    """Sampling G completions per prompt."""
+
+    engine: Literal["megatron", "vllm"] = "megatron"
+    """Rollout engine: Megatron-native (CPU and GPU, KV cache) or vLLM (GPU)."""
+    group_size: int = 8
+    """G: completions per prompt (the paper: 8)."""
+    prompts_per_step: int = 8
+    """Prompts per optimizer step per branch (the paper: 256)."""
+    max_new_tokens: int = 64
+    """Maximum response length."""
+    temperature: float = 1.0
+    """Sampling temperature (the same value divides the trainer's logits)."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold."""
+    top_k: int = 0
+    """Top-k sampling (0 = off)."""
+
+    def __post_init__(self) -> None:
+        _require(self.group_size >= 1, "rollout.group_size", f"must be >= 1, got {self.group_size}")
+        _require(self.temperature > 0, "rollout.temperature", f"must be > 0, got {self.temperature}")
+        _require(0 < self.top_p <= 1, "rollout.top_p", f"must be in (0, 1], got {self.top_p}")
+
+
+@dataclass
+class CheckpointConfig:
+    """Distributed checkpoints, one directory per branch per iteration."""
+
+    save_dir: Optional[str] = None
+    """Where to save (null = inside ``run_dir``)."""
+    load_dir: Optional[str] = None
+    """Resume from here (null = start from the base)."""
+    save_interval: int = 0
+    """Save every N steps (0 = only at the end)."""
+    keep_last: int = 2
+    """Retention: keep the last N checkpoints."""
+    async_save: bool = False
+    """Write checkpoints in the background."""
+
+
+@dataclass
+class LoggingConfig:
+    """Where and how often metrics go."""
+
+    log_interval: int = 1
+    """Print one line every N steps."""
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    """Logging level of rank 0 (other ranks log warnings only)."""
+    tensorboard: bool = False
+    """Also write TensorBoard events when tensorboard is installed."""
+
+
+@dataclass
+class Config:
+    """A whole run."""
+
+    name: str = "run"
+    """Run name."""
+    seed: int = 1234
+    """Global seed: model init, data order and sampling derive from it."""
+    run_dir: str = "runs/run"
+    """Output directory: resolved config, metrics JSONL, checkpoints."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    branches: list[BranchConfig] = field(default_factory=list)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)

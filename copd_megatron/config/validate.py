@@ -1,0 +1,69 @@
+"""Cross-section checks of a :class:`Config` against a world size. No side effects.
+
+Runs before any process group is created, on every rank (each computes the same answer),
+so a bad launch fails in a second with one line instead of hanging a cluster allocation.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+from copd_megatron.config.schema import Config, ConfigError
+from copd_megatron.distributed.layout import Layout, resolve_layout
+
+
+def _have(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def validate(cfg: Config, world_size: int, *, cuda_available: bool | None = None) -> Layout:
+    """Return the branch layout, or raise :class:`ConfigError` naming the key to fix."""
+    if cuda_available is None:
+        import torch
+
+        cuda_available = torch.cuda.is_available()
+    layout = resolve_layout(cfg.parallel, cfg.model, world_size)
+
+    te_ok = cuda_available and _have("transformer_engine")
+    if cfg.precision.fp8 is not None and not te_ok:
+        raise ConfigError(
+            f"precision.fp8: {cfg.precision.fp8!r} needs Transformer Engine on a CUDA machine; "
+            "install the [gpu] extra or set precision.fp8=null"
+        )
+    if cfg.model.transformer_impl == "transformer_engine" and not te_ok:
+        raise ConfigError(
+            "model.transformer_impl: 'transformer_engine' needs Transformer Engine on a CUDA machine; "
+            "use 'auto' or 'local'"
+        )
+    if cfg.parallel.backend == "nccl" and not cuda_available:
+        raise ConfigError("parallel.backend: 'nccl' needs CUDA; use 'auto' or 'gloo' on this machine")
+    if cfg.rollout.engine == "vllm" and not (cuda_available and _have("vllm")):
+        raise ConfigError("rollout.engine: 'vllm' needs vLLM on a CUDA machine; install the [rollout] extra or use 'megatron'")
+    if cfg.optimizer.name != "adam" and cfg.parallel.use_distributed_optimizer:
+        raise ConfigError(
+            f"optimizer.name: {cfg.optimizer.name!r} is not supported by Megatron's distributed optimizer; "
+            "use 'adam' or set parallel.use_distributed_optimizer=false"
+        )
+    _validate_branches(cfg)
+    return layout
+
+
+def _validate_branches(cfg: Config) -> None:
+    names = [b.name for b in cfg.branches]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ConfigError(f"branches: duplicate branch names {dupes}; every branch needs a unique name")
+    sched = cfg.schedule
+    if sched.topology == "hub":
+        if sched.hub not in names:
+            raise ConfigError(f"schedule.hub: {sched.hub!r} is not a branch; expected one of {names}")
+    if sched.topology == "edges":
+        if not sched.edges:
+            raise ConfigError("schedule.edges: topology 'edges' needs at least one [a, b] pair")
+        for i, edge in enumerate(sched.edges):
+            if len(edge) != 2 or edge[0] == edge[1] or any(n not in names for n in edge):
+                raise ConfigError(
+                    f"schedule.edges.{i}: {edge!r} must be a pair of two different branch names from {names}"
+                )
+    if sched.mode in ("copd", "static_opd", "mopd") and len(cfg.branches) < 2:
+        raise ConfigError(f"branches: schedule.mode {sched.mode!r} needs at least 2 branches, got {len(names)}")

@@ -1,0 +1,91 @@
+"""Parallel layout arithmetic: pure functions, no process groups.
+
+A branch is sharded over ``world = tp · pp · cp · dp`` ranks (Megatron's order
+tp-cp-ep-dp-pp). Everything here runs before any process starts, so an impossible layout
+is reported as a one-line :class:`ConfigError` instead of a hang or a traceback.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from copd_megatron.config.schema import ConfigError, ModelConfig, ParallelConfig
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Resolved parallel sizes of one branch."""
+
+    world_size: int
+    tp: int
+    pp: int
+    cp: int
+    ep: int
+    dp: int
+    vpp: int | None
+
+    @property
+    def model_parallel_size(self) -> int:
+        return self.tp * self.pp * self.cp
+
+
+def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
+    """Megatron's padding: round up to a multiple of ``divisible_by · tp`` so every TP rank
+    owns an equal vocabulary shard. Padded ids get -inf logits in the losses and sampler."""
+    multiple = divisible_by * tp
+    return ((vocab_size + multiple - 1) // multiple) * multiple
+
+
+def resolve_layout(parallel: ParallelConfig, model: ModelConfig, world_size: int) -> Layout:
+    """Check that ``parallel`` fits ``world_size`` and ``model``; return the resolved layout."""
+    if world_size < 1:
+        raise ConfigError(f"world size must be >= 1, got {world_size}")
+    mp = parallel.tp * parallel.pp * parallel.cp
+    if world_size % mp != 0:
+        raise ConfigError(
+            f"parallel: world size {world_size} is not divisible by tp*pp*cp = {mp} "
+            f"(tp={parallel.tp}, pp={parallel.pp}, cp={parallel.cp}); launch a multiple of {mp} ranks "
+            "or change the sizes"
+        )
+    dp = world_size // mp
+    if parallel.dp is not None and parallel.dp != dp:
+        raise ConfigError(
+            f"parallel.dp: {parallel.dp} does not match world size {world_size} / (tp*pp*cp={mp}) = {dp}; "
+            "set parallel.dp=null to derive it"
+        )
+    heads, groups = model.num_attention_heads, model.num_query_groups or model.num_attention_heads
+    if heads % parallel.tp:
+        raise ConfigError(
+            f"parallel.tp: {parallel.tp} does not divide model.num_attention_heads={heads}; "
+            f"allowed tp values: {_divisors(heads)}"
+        )
+    if groups % parallel.tp:
+        raise ConfigError(
+            f"parallel.tp: {parallel.tp} does not divide model.num_query_groups={groups}; "
+            f"allowed tp values: {_divisors(groups)}"
+        )
+    stages = parallel.pp * (parallel.vpp or 1)
+    if model.num_layers % stages:
+        what = "pp" if parallel.vpp is None else "pp*vpp"
+        raise ConfigError(
+            f"parallel.pp: model.num_layers={model.num_layers} is not divisible by {what}={stages}; "
+            f"allowed values: {_divisors(model.num_layers)}"
+        )
+    if parallel.cp > 1 and model.seq_length % (2 * parallel.cp):
+        raise ConfigError(
+            f"parallel.cp: model.seq_length={model.seq_length} must be divisible by 2*cp={2 * parallel.cp}"
+        )
+    if parallel.ep > 1:
+        if model.num_moe_experts is None:
+            raise ConfigError("parallel.ep: expert parallelism needs a MoE model (set model.num_moe_experts)")
+        if model.num_moe_experts % parallel.ep:
+            raise ConfigError(
+                f"parallel.ep: {parallel.ep} does not divide model.num_moe_experts={model.num_moe_experts}"
+            )
+        if (dp * parallel.cp) % parallel.ep:
+            raise ConfigError(f"parallel.ep: {parallel.ep} does not divide dp*cp = {dp * parallel.cp}")
+    return Layout(world_size, parallel.tp, parallel.pp, parallel.cp, parallel.ep, dp, parallel.vpp)
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]

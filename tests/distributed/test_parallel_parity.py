@@ -1,0 +1,134 @@
+"""The same tiny model gives the same logits, loss, gradient norm and update at every layout.
+
+A TP=1 reference run initialises the model, saves it with dist_checkpointing, computes logits,
+takes one optimizer step (the update is proportional to the clipped gradient, so a wrong
+gradient shows up in the post-step logits; clipping is active: the gradient norm is > 1) and
+computes logits again. Every other layout loads the same weights and must reproduce all of it
+to ~1e-5: TP=2, PP=2 and DP=2 in one 2-rank world, TP=2×PP=2 (and TP=2×DP=2) in a 4-rank
+world. Once with SGD, once with Adam and the distributed optimizer.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from copd_megatron.testing import run_distributed
+
+TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+def _config(tp: int, pp: int, optimizer: str):
+    from copd_megatron.config import config_from_dict
+
+    return config_from_dict(
+        {
+            "seed": 7,
+            "model": {"preset": "tiny", "num_layers": 4, "vocab_size": 500},
+            # SGD runs without, Adam with the distributed optimizer (it supports Adam only).
+            "parallel": {"tp": tp, "pp": pp, "micro_batch_size": 2, "use_distributed_optimizer": optimizer == "adam"},
+            "precision": {"params_dtype": "fp32"},
+            # Adam's first update is ~lr*sign(g), blind to gradient magnitudes; eps=1 >> |g| makes
+            # it ~lr*g/eps, so a wrong gradient changes the post-step logits in both runs.
+            "optimizer": {"name": optimizer, "lr": 0.5 if optimizer == "sgd" else 5.0, "adam_eps": 1.0,
+                          "clip_grad": 1.0, "weight_decay": 0.0},
+            "schedule": {"mode": "smoke"},
+        }
+    )  # fmt: skip
+
+
+def _global_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 500, (8, 17), generator=g)
+    mask = (torch.rand(8, 17, generator=g) > 0.3).float()  # masked tokens must not count
+    return tokens, mask
+
+
+def _logits(branch, mb) -> torch.Tensor | None:
+    """Full-vocabulary logits of ``mb`` (gathered over TP) on the last stage, else None."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    def loss_fn(logits, _mb):
+        full = gather_from_tensor_model_parallel_region(logits)
+        return torch.zeros(()), torch.tensor(1, dtype=torch.int), {"logits": full.detach().clone()}
+
+    def fwd(it, model):
+        m = next(it)
+        return model(m.tokens, m.position_ids, None), lambda out: loss_fn(out, m)
+
+    with torch.no_grad():
+        out = get_forward_backward_func()(
+            forward_step_func=fwd, data_iterator=iter([mb]), model=branch.chunks, num_microbatches=1,
+            seq_length=mb.tokens.shape[1], micro_batch_size=mb.tokens.shape[0], forward_only=True,
+        )  # fmt: skip
+    return out[0]["logits"] if ps.is_pipeline_last_stage() else None
+
+
+def _run(tp: int, pp: int, ckpt_dir: str, save: bool, optimizer: str) -> dict:
+    from megatron.core import parallel_state as ps
+
+    from copd_megatron.checkpoint.dist_ckpt import load_model, save_model
+    from copd_megatron.config import validate
+    from copd_megatron.distributed.init import init_model_parallel, set_seed
+    from copd_megatron.model.build import build_model_chunks, transformer_config, wrap_and_optimize
+    from copd_megatron.training.step import MicroBatch, train_step
+
+    cfg = _config(tp, pp, optimizer)
+    layout = validate(cfg, dist.get_world_size())
+    init_model_parallel(layout)
+    set_seed(cfg.seed)
+    tcfg = transformer_config(cfg.model, cfg.parallel, cfg.precision)
+    chunks = build_model_chunks(cfg.model, cfg.parallel, cfg.precision, tcfg)
+    (save_model if save else load_model)(chunks, ckpt_dir)
+    branch = wrap_and_optimize(chunks, tcfg, cfg.parallel, cfg.precision, cfg.optimizer, total_steps=1)
+
+    tokens, mask = _global_batch()
+    # This data-parallel rank's share of the global batch, in micro-batches of 2 sequences.
+    per_dp = tokens.shape[0] // layout.dp
+    lo = ps.get_data_parallel_rank() * per_dp
+    mbs = [
+        MicroBatch.from_tokens(tokens[i : i + 2], mask[i : i + 2])
+        for i in range(lo, lo + per_dp, cfg.parallel.micro_batch_size)
+    ]
+    probe = MicroBatch.from_tokens(tokens[:2])
+    before = _logits(branch, probe)
+    step = train_step(branch, mbs)
+    after = _logits(branch, probe)
+    return {"loss": step.loss, "grad_norm": step.grad_norm, "tokens": step.num_tokens, "before": before, "after": after}
+
+
+def _worker(layouts: list[tuple[int, int]], ckpt_dir: str, save: bool, optimizer: str) -> list[dict]:
+    return [_run(tp, pp, ckpt_dir, save, optimizer) for tp, pp in layouts]
+
+
+def _check(ref: dict, results_per_rank: list[list[dict]], layouts: list[tuple[int, int]]) -> None:
+    for i, (tp, pp) in enumerate(layouts):
+        runs = [rank_results[i] for rank_results in results_per_rank]
+        name = f"tp={tp} pp={pp} world={len(runs)}"
+        for run in runs:  # every rank reports the same step statistics
+            assert run["tokens"] == ref["tokens"], name
+            assert run["loss"] == pytest.approx(ref["loss"], rel=1e-5), name
+            assert run["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-5), name
+        logits = [r for r in runs if r["before"] is not None]
+        assert logits, f"{name}: no rank returned logits"
+        for run in logits:
+            torch.testing.assert_close(run["before"], ref["before"], **TOL, msg=f"{name}: logits before the step")
+            torch.testing.assert_close(run["after"], ref["after"], **TOL, msg=f"{name}: logits after the step")
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_layouts_match_tp1_reference(tmp_path, optimizer):
+    ckpt = str(tmp_path / "init")
+    (ref,) = run_distributed(_worker, 1, args=([(1, 1)], ckpt, True, optimizer), timeout=240)[0:1]
+    ref = ref[0]
+    assert ref["grad_norm"] > 1.0, "clipping must be active for the test to cover it"
+    # The update must move the logits well beyond the tolerance, or the test could not fail.
+    assert (ref["after"] - ref["before"]).abs().max() > 1e-2
+
+    two = [(2, 1), (1, 2), (1, 1)]  # TP=2, PP=2, DP=2
+    _check(ref, run_distributed(_worker, 2, args=(two, ckpt, False, optimizer), timeout=300), two)
+    four = [(2, 2), (2, 1)] if optimizer == "adam" else [(2, 2)]  # TP=2×PP=2 (+ TP=2×DP=2)
+    _check(ref, run_distributed(_worker, 4, args=(four, ckpt, False, optimizer), timeout=300), four)
