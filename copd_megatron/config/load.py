@@ -9,6 +9,7 @@ the file, the dotted key, what was found and what is allowed.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import types
@@ -74,6 +75,8 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected int, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):
+            value = _yaml11_float(value)  # PyYAML reads 1e-6 (no dot) as a string
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected float, got {value!r}")
         return float(value)
@@ -84,6 +87,13 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     if tp is Any:
         return value
     raise ConfigError(f"{key}: unsupported annotation {tp!r}")  # a schema bug, not a user mistake
+
+
+def _yaml11_float(text: str) -> float | str:
+    try:
+        return float(text)
+    except ValueError:
+        return text
 
 
 def _build(cls: type, data: dict, prefix: str) -> Any:
@@ -146,7 +156,7 @@ def _apply_preset(tree: dict) -> None:
 
 def config_from_dict(tree: dict, overrides: list[str] | None = None, source: str = "<dict>") -> Config:
     """Build a validated-per-field :class:`Config` from a plain mapping plus overrides."""
-    tree = dict(tree)
+    tree = copy.deepcopy(tree)  # overrides must not leak into the caller's mapping
     try:
         for item in overrides or []:
             _apply_override(tree, item)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib.util
 
 from copd_megatron.config.schema import Config, ConfigError
-from copd_megatron.distributed.layout import Layout, resolve_layout
+from copd_megatron.config.layout import Layout, resolve_layout
 
 
 def _have(module: str) -> bool:

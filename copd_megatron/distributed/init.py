@@ -24,7 +24,7 @@ from typing import Mapping
 
 import torch
 
-from copd_megatron.distributed.layout import Layout
+from copd_megatron.config.layout import Layout
 
 logger = logging.getLogger(__name__)
 

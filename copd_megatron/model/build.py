@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from copd_megatron.config.schema import ModelConfig, OptimizerConfig, ParallelConfig, PrecisionConfig
-from copd_megatron.distributed.layout import padded_vocab_size
+from copd_megatron.config.layout import padded_vocab_size
 from copd_megatron.model.specs import gpt_layer_spec, use_transformer_engine
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

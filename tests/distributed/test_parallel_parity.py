@@ -25,7 +25,10 @@ def _config(tp: int, pp: int, optimizer: str):
     return config_from_dict(
         {
             "seed": 7,
-            "model": {"preset": "tiny", "num_layers": 4, "vocab_size": 500},
+            # The Adam run also covers the Qwen-style options: tied embeddings (synchronised
+            # between the first and last pipeline stage), QK-norm and QKV bias.
+            "model": {"preset": "tiny", "num_layers": 4, "vocab_size": 500, "tie_embeddings": optimizer == "adam",
+                      "qk_layernorm": optimizer == "adam", "add_qkv_bias": optimizer == "adam"},
             # SGD runs without, Adam with the distributed optimizer (it supports Adam only).
             "parallel": {"tp": tp, "pp": pp, "micro_batch_size": 2, "use_distributed_optimizer": optimizer == "adam"},
             "precision": {"params_dtype": "fp32"},

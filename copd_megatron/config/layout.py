@@ -40,19 +40,6 @@ def resolve_layout(parallel: ParallelConfig, model: ModelConfig, world_size: int
     """Check that ``parallel`` fits ``world_size`` and ``model``; return the resolved layout."""
     if world_size < 1:
         raise ConfigError(f"world size must be >= 1, got {world_size}")
-    mp = parallel.tp * parallel.pp * parallel.cp
-    if world_size % mp != 0:
-        raise ConfigError(
-            f"parallel: world size {world_size} is not divisible by tp*pp*cp = {mp} "
-            f"(tp={parallel.tp}, pp={parallel.pp}, cp={parallel.cp}); launch a multiple of {mp} ranks "
-            "or change the sizes"
-        )
-    dp = world_size // mp
-    if parallel.dp is not None and parallel.dp != dp:
-        raise ConfigError(
-            f"parallel.dp: {parallel.dp} does not match world size {world_size} / (tp*pp*cp={mp}) = {dp}; "
-            "set parallel.dp=null to derive it"
-        )
     heads, groups = model.num_attention_heads, model.num_query_groups or model.num_attention_heads
     if heads % parallel.tp:
         raise ConfigError(
@@ -70,6 +57,19 @@ def resolve_layout(parallel: ParallelConfig, model: ModelConfig, world_size: int
         raise ConfigError(
             f"parallel.pp: model.num_layers={model.num_layers} is not divisible by {what}={stages}; "
             f"allowed values: {_divisors(model.num_layers)}"
+        )
+    mp = parallel.tp * parallel.pp * parallel.cp
+    if world_size % mp != 0:
+        raise ConfigError(
+            f"parallel: world size {world_size} is not divisible by tp*pp*cp = {mp} "
+            f"(tp={parallel.tp}, pp={parallel.pp}, cp={parallel.cp}); launch a multiple of {mp} ranks "
+            "or change the sizes"
+        )
+    dp = world_size // mp
+    if parallel.dp is not None and parallel.dp != dp:
+        raise ConfigError(
+            f"parallel.dp: {parallel.dp} does not match world size {world_size} / (tp*pp*cp={mp}) = {dp}; "
+            "set parallel.dp=null to derive it"
         )
     if parallel.cp > 1 and model.seq_length % (2 * parallel.cp):
         raise ConfigError(

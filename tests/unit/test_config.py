@@ -1,0 +1,133 @@
+"""Config: strict loading, overrides, presets, one-line errors (in-process and through the CLI)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from copd_megatron.config import PRESETS, ConfigError, config_from_dict, load_config, validate
+
+ROOT = Path(__file__).resolve().parents[2]
+SMOKE = {"schedule": {"mode": "smoke"}}
+
+
+def test_overrides_parse_yaml_scalars_and_list_items():
+    cfg = config_from_dict(
+        {**SMOKE, "branches": [{"name": "a"}, {"name": "b"}]},
+        ["parallel.tp=2", "optimizer.lr=1e-6", "model.num_query_groups=null", "branches.1.beta=0.5"],
+    )
+    assert cfg.parallel.tp == 2 and cfg.optimizer.lr == 1e-6
+    assert cfg.model.num_query_groups is None
+    assert cfg.branches[1].beta == 0.5 and isinstance(cfg.branches[1].beta, float)
+
+
+def test_preset_fills_fields_and_explicit_keys_win():
+    cfg = config_from_dict({"model": {"preset": "qwen3-8b", "num_layers": 4}})
+    assert cfg.model.num_layers == 4  # explicit
+    assert cfg.model.hidden_size == 4096 and cfg.model.kv_channels == 128 and cfg.model.qk_layernorm
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["parallel.tp=two"], "parallel.tp: expected int, got 'two'"),
+        (["model.num_layer=3"], "model.num_layer: unknown key (did you mean 'num_layers'?)"),
+        (["modle.num_layers=3"], "modle: unknown key (did you mean 'model'?)"),
+        (["precision.params_dtype=fp64"], "precision.params_dtype: 'fp64' is not allowed; expected one of 'fp32', 'bf16', 'fp16'"),
+        (["parallel.sequence_parallel=1"], "parallel.sequence_parallel: expected bool"),
+        (["model.preset=gpt5"], "model.preset: unknown preset 'gpt5'"),
+        (["optimizer.lr=-1"], "optimizer.lr: must be >= 0"),
+        (["parallel.vpp=2"], "parallel.vpp: virtual pipeline stages need parallel.pp > 1"),
+        (["branches.0.beta=1"], "branches: has no list items to override"),
+        (["parallel.tp"], "expected dotted key=value"),
+    ],
+)  # fmt: skip
+def test_field_errors_are_one_line_and_name_the_key(overrides, expected):
+    with pytest.raises(ConfigError) as e:
+        config_from_dict(SMOKE, overrides)
+    assert expected in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "overrides, world, expected",
+    [
+        (["parallel.tp=2", "parallel.pp=2"], 6, "world size 6 is not divisible by tp*pp*cp = 4"),
+        (["parallel.tp=3"], 3, "parallel.tp: 3 does not divide model.num_attention_heads=4; allowed tp values: [1, 2, 4]"),
+        (["parallel.tp=4"], 4, "parallel.tp: 4 does not divide model.num_query_groups=2"),
+        (["parallel.pp=3"], 3, "model.num_layers=2 is not divisible by pp=3"),
+        (["parallel.pp=2", "parallel.vpp=2"], 2, "model.num_layers=2 is not divisible by pp*vpp=4"),
+        (["parallel.dp=3"], 2, "parallel.dp: 3 does not match world size 2"),
+        (["parallel.ep=2"], 2, "parallel.ep: expert parallelism needs a MoE model"),
+        (["precision.fp8=hybrid"], 1, "precision.fp8: 'hybrid' needs Transformer Engine on a CUDA machine"),
+        (["optimizer.name=sgd"], 1, "optimizer.name: 'sgd' is not supported by Megatron's distributed optimizer"),
+        (["schedule.mode=copd"], 1, "schedule.mode 'copd' needs at least 2 branches"),
+    ],
+)  # fmt: skip
+def test_layout_errors_before_any_process_group(overrides, world, expected):
+    cfg = config_from_dict(SMOKE, overrides)
+    with pytest.raises(ConfigError) as e:
+        validate(cfg, world, cuda_available=False)
+    assert expected in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_topology_errors():
+    two = {"branches": [{"name": "text"}, {"name": "image"}]}
+    with pytest.raises(ConfigError, match=r"schedule.hub: 'video' is not a branch"):
+        validate(config_from_dict({**two, "schedule": {"topology": "hub", "hub": "video"}}), 1, cuda_available=False)
+    with pytest.raises(ConfigError, match=r"schedule.edges.0: \['text', 'text'\]"):
+        validate(config_from_dict({**two, "schedule": {"topology": "edges", "edges": [["text", "text"]]}}), 1,
+                 cuda_available=False)  # fmt: skip
+    with pytest.raises(ConfigError, match="duplicate branch names"):
+        validate(config_from_dict({"branches": [{"name": "a"}, {"name": "a"}]}), 1, cuda_available=False)
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_fits_a_realistic_cluster_layout(name):
+    """Layout dry run: each preset at TP=8 (or the largest TP its KV heads allow), PP dividing layers."""
+    cfg = config_from_dict({**SMOKE, "model": {"preset": name}})
+    groups = cfg.model.num_query_groups or cfg.model.num_attention_heads
+    tp = max(t for t in (1, 2, 4, 8) if groups % t == 0 and cfg.model.num_attention_heads % t == 0)
+    pp = 4 if cfg.model.num_layers % 4 == 0 else 2
+    cfg = config_from_dict({**SMOKE, "model": {"preset": name}}, [f"parallel.tp={tp}", f"parallel.pp={pp}"])
+    layout = validate(cfg, 1024, cuda_available=False)
+    assert layout.dp * tp * pp == 1024
+
+
+def test_every_shipped_yaml_loads():
+    files = sorted((ROOT / "configs").glob("*.yaml")) + sorted((ROOT / "examples").rglob("*.yaml"))
+    assert files
+    for f in files:
+        load_config(f)
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  num_layers: [1,\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml:\d+: invalid YAML"):
+        load_config(bad)
+
+
+def test_cli_reports_config_errors_in_one_line_with_exit_code_2(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("schedule:\n  mode: smoke\nparallel:\n  tp: 3\n")
+    cases = [
+        ([str(cfg)], "parallel.tp: 3 does not divide model.num_attention_heads=4"),
+        ([str(cfg), "parallel.tp=1", "model.hiden_size=8"], "model.hiden_size: unknown key"),
+        ([str(tmp_path / "missing.yaml")], "config file not found"),
+    ]
+    for args, expected in cases:
+        out = subprocess.run([sys.executable, "-m", "copd_megatron.cli", *args], capture_output=True, text=True,
+                             cwd=ROOT, timeout=60)  # fmt: skip
+        assert out.returncode == 2, out.stderr
+        lines = out.stderr.strip().splitlines()
+        assert len(lines) == 1 and expected in lines[0], out.stderr
+    ok = subprocess.run([sys.executable, "-m", "copd_megatron.cli", str(cfg), "parallel.tp=1", "--check"],
+                        capture_output=True, text=True, cwd=ROOT, timeout=60)  # fmt: skip
+    assert ok.returncode == 0 and "ok for world size 1" in ok.stdout
