@@ -28,6 +28,7 @@ setup(
     entry_points={
         "console_scripts": [
             "copd-train=copd_megatron.cli:train_main",
+            "copd-merge=copd_megatron.checkpoint.merge_cli:main",
         ],
     },
 )

@@ -11,9 +11,14 @@ writer starts a multiprocessing manager.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
-from copd_megatron.config.schema import ConfigError
+import yaml
+
+from copd_megatron.config.schema import ConfigError, ModelConfig
+
+META_FILE = "copd_meta.yaml"  # our addition to a torch_dist directory: the model section and dtype
 
 
 def _sharded_state_dict(chunks: list) -> dict:
@@ -23,12 +28,33 @@ def _sharded_state_dict(chunks: list) -> dict:
     return {f"model{i}": c.sharded_state_dict() for i, c in enumerate(chunks)}
 
 
-def save_model(chunks: list, ckpt_dir: str | Path) -> None:
-    """Save unwrapped ``GPTModel`` chunks (all ranks call this collectively)."""
+def save_model(
+    chunks: list, ckpt_dir: str | Path, model: ModelConfig | None = None, params_dtype: str | None = None
+) -> None:
+    """Save unwrapped ``GPTModel`` chunks (all ranks call this collectively). With ``model``,
+    the architecture is recorded next to the shards so tools can rebuild it at any layout."""
+    import torch.distributed as dist
     from megatron.core import dist_checkpointing
 
     Path(ckpt_dir).mkdir(parents=True, exist_ok=True)
     dist_checkpointing.save(_sharded_state_dict(chunks), str(ckpt_dir))
+    if model is not None and (not dist.is_initialized() or dist.get_rank() == 0):
+        meta = {"model": dataclasses.asdict(model), "params_dtype": params_dtype}
+        Path(ckpt_dir, META_FILE).write_text(yaml.safe_dump(meta, sort_keys=False))
+
+
+def read_meta(ckpt_dir: str | Path) -> tuple[ModelConfig, str]:
+    """The architecture and dtype recorded by :func:`save_model` (one-line error if absent)."""
+    from copd_megatron.config.load import config_from_dict
+
+    path = Path(ckpt_dir, META_FILE)
+    if not Path(ckpt_dir, "metadata.json").is_file():
+        raise ConfigError(f"{ckpt_dir}: not a torch_dist checkpoint (metadata.json is missing)")
+    if not path.is_file():
+        raise ConfigError(f"{ckpt_dir}: {META_FILE} is missing; pass the model config explicitly")
+    meta = yaml.safe_load(path.read_text())
+    cfg = config_from_dict({"model": meta["model"], "schedule": {"mode": "smoke"}}, source=str(path))
+    return cfg.model, meta.get("params_dtype") or "fp32"
 
 
 def load_model(chunks: list, ckpt_dir: str | Path) -> None:

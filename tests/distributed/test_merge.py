@@ -1,0 +1,107 @@
+"""copd-merge: shard-local merging through dist_checkpointing equals merging the full tensors."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from copd_megatron.checkpoint.merge import merge_tensor
+from copd_megatron.testing import run_distributed
+
+
+def _save_models(root: str, tp: int, num_layers: int = 2) -> None:
+    """Base + three branches (base + noise), saved at TP=``tp``."""
+    from copd_megatron.checkpoint.dist_ckpt import save_model
+    from copd_megatron.config import config_from_dict, validate
+    from copd_megatron.distributed.init import init_model_parallel, set_seed
+    from copd_megatron.model.build import build_model_chunks
+
+    cfg = config_from_dict({"schedule": {"mode": "smoke"}, "model": {"preset": "tiny", "num_layers": num_layers},
+                            "parallel": {"tp": tp}, "precision": {"params_dtype": "fp32"}})  # fmt: skip
+    init_model_parallel(validate(cfg, dist.get_world_size()))
+    set_seed(0)
+    (model,) = build_model_chunks(cfg.model, cfg.parallel, cfg.precision)
+    save_model([model], f"{root}/base", cfg.model, "fp32")
+    base = {k: v.clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+    for i in range(3):
+        torch.manual_seed(100 + i)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                p.copy_(base[name] + 0.05 * torch.randn_like(p))
+        save_model([model], f"{root}/b{i}", cfg.model, "fp32")
+
+
+def _merge_all(runs: list[list[str]], plain_dirs: list[str]) -> list[dict]:
+    """Several merges in one world (start-up costs seconds), then the full tensors of ``plain_dirs``."""
+    from megatron.core import dist_checkpointing
+
+    from copd_megatron.checkpoint.merge_cli import main
+
+    for args in runs:
+        assert main(args) == 0
+    return [dist_checkpointing.load_plain_tensors(d) for d in plain_dirs]
+
+
+def test_merge_matches_full_tensor_merge_at_any_layout(tmp_path):
+    root = str(tmp_path)
+    run_distributed(_save_models, 2, args=(root, 2), timeout=120)  # branches saved at TP=2
+    inputs = [f"{root}/b{i}" for i in range(3)]
+    runs = {1: [["--inputs", *inputs, "--out", f"{root}/avg"]], 2: []}
+    for method, extra in (("ties", ["--density", "0.3"]), ("dare", ["--drop-p", "0.5", "--seed", "3"])):
+        args = ["--inputs", *inputs, "--base", f"{root}/base", "--method", method, *extra]
+        runs[2].append(args + ["--out", f"{root}/{method}2", "--tp", "2"])
+        runs[1].append(args + ["--out", f"{root}/{method}1"])
+    # TIES and DARE at TP=2, then everything at TP=1 (the average from TP=2 inputs: another layout).
+    run_distributed(_merge_all, 2, args=(runs[2], []), timeout=180)
+    outs = ["avg", "ties2", "ties1", "dare2", "dare1"]
+    plain = run_distributed(_merge_all, 1, args=(runs[1], [f"{root}/base", *inputs] + [f"{root}/{o}" for o in outs]),
+                            timeout=180)[0]  # fmt: skip
+    base, branches = plain[0], plain[1:4]
+    avg, ties2, ties1, dare2, dare1 = plain[4:]
+    keys = [k for k, v in avg.items() if isinstance(v, torch.Tensor)]
+    assert "decoder.layers.mlp.linear_fc1.weight" in keys
+    for key in keys:
+        full = [b[key] for b in branches]
+        torch.testing.assert_close(avg[key], sum(full) / 3, rtol=1e-6, atol=1e-6, msg=key)
+        # The same method at TP=2 and TP=1 gives the same tensors (layout-independent masks/thresholds).
+        torch.testing.assert_close(ties2[key], ties1[key], rtol=0, atol=0, msg=key)
+        torch.testing.assert_close(dare2[key], dare1[key], rtol=0, atol=0, msg=key)
+    # Stacked layer tensors ([L, ...]) merge per layer, like the model's per-layer parameters.
+    key = "decoder.layers.self_attention.linear_qkv.weight"
+    for layer in range(2):
+        ref = merge_tensor([b[key][layer] for b in branches], "ties", base=base[key][layer], density=0.3)
+        torch.testing.assert_close(ties1[key][layer], ref, msg="TIES vs the whole-tensor reference")
+    assert not torch.equal(dare1[key], avg[key])
+
+
+def _save_two_architectures(a: str, b: str) -> None:
+    from megatron.core import parallel_state as ps
+
+    _save_models(a, 1, 2)
+    ps.destroy_model_parallel()
+    _save_models(b, 1, 4)
+
+
+def test_merge_refuses_bad_inputs_with_one_line_errors(tmp_path, capsys):
+    import shutil
+
+    from copd_megatron.checkpoint.merge_cli import main
+
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    run_distributed(_save_two_architectures, 1, args=(a, b), timeout=120)
+    assert main(["--inputs", f"{a}/b0", f"{b}/b0", "--out", str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err
+    assert "architecture differs" in err and "model.num_layers is 4, not 2" in err
+    assert main(["--inputs", f"{a}/b0", f"{a}/b1", "--method", "ties", "--out", str(tmp_path / "m")]) == 2
+    assert "--method ties: needs --base" in capsys.readouterr().err
+    assert main(["--inputs", f"{a}/b0", str(tmp_path / "nope"), "--out", str(tmp_path / "m")]) == 2
+    assert "checkpoint directory not found" in capsys.readouterr().err
+
+
+    # A partial checkpoint directory: the missing file is named.
+    for missing in ("metadata.json", "copd_meta.yaml"):
+        broken = tmp_path / f"broken_{missing}"
+        shutil.copytree(f"{a}/b1", broken)
+        (broken / missing).unlink()
+        assert main(["--inputs", f"{a}/b0", str(broken), "--out", str(tmp_path / "m")]) == 2
+        assert missing in capsys.readouterr().err
