@@ -62,6 +62,9 @@ def _run(cfg, layout, env) -> int:
         if env.rank == 0:
             dump_config(cfg, Path(cfg.run_dir) / "config.yaml")
         run_smoke(cfg, layout)
+    except ConfigError as e:  # found while starting, e.g. a checkpoint that cannot be resumed
+        print(f"copd-train: error: {e}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
     finally:
         destroy_distributed()
     return 0

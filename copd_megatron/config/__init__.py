@@ -1,6 +1,6 @@
 """Configuration: typed schema, strict YAML loading with overrides, cross-section validation."""
 
-from copd_megatron.config.load import config_from_dict, config_to_dict, dump_config, load_config
+from copd_megatron.config.load import config_from_dict, config_hash, config_to_dict, dump_config, load_config
 from copd_megatron.config.presets import PRESETS
 from copd_megatron.config.schema import (
     BranchConfig,
@@ -8,6 +8,7 @@ from copd_megatron.config.schema import (
     Config,
     ConfigError,
     LoggingConfig,
+    LossConfig,
     ModelConfig,
     OptimizerConfig,
     ParallelConfig,
@@ -18,7 +19,7 @@ from copd_megatron.config.schema import (
 from copd_megatron.config.validate import validate
 
 __all__ = [
-    "PRESETS", "BranchConfig", "CheckpointConfig", "Config", "ConfigError", "LoggingConfig",
+    "PRESETS", "BranchConfig", "CheckpointConfig", "Config", "ConfigError", "LoggingConfig", "LossConfig",
     "ModelConfig", "OptimizerConfig", "ParallelConfig", "PrecisionConfig", "RolloutConfig",
-    "ScheduleConfig", "config_from_dict", "config_to_dict", "dump_config", "load_config", "validate",
+    "ScheduleConfig", "config_from_dict", "config_hash", "config_to_dict", "dump_config", "load_config", "validate",
 ]  # fmt: skip

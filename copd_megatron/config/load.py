@@ -194,3 +194,17 @@ def config_to_dict(cfg: Config) -> dict:
 def dump_config(cfg: Config, path: str | Path) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+
+
+# Sections that may change when a run resumes (layout, output, logging, length).
+_RESUMABLE = {"parallel", "checkpoint", "logging", "run_dir", "name"}
+
+
+def config_hash(cfg: Config) -> str:
+    """A short hash of everything that defines the experiment (not the layout or outputs)."""
+    import hashlib
+    import json
+
+    tree = {k: v for k, v in config_to_dict(cfg).items() if k not in _RESUMABLE}
+    tree["schedule"] = {k: v for k, v in tree["schedule"].items() if k != "train_steps"}
+    return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:16]

@@ -267,17 +267,47 @@ class RolloutConfig:
 
 
 @dataclass
+class LossConfig:
+    """The policy-gradient objective shared by GRPO and OPD tokens (paper §4, DAPO clip-higher)."""
+
+    eps_low: float = 0.2
+    """Lower clip of the ratio: clip(ρ, 1 − eps_low, 1 + eps_high)."""
+    eps_high: float = 0.28
+    """Upper clip (DAPO's clip-higher)."""
+    aggregation: Literal["token_mean", "seq_mean", "drgrpo"] = "token_mean"
+    """Token-level mean over the global batch (DAPO), mean of per-sequence means, or Dr.GRPO's
+    sum / (sequences × max_new_tokens)."""
+    advantage: Literal["grpo", "drgrpo"] = "grpo"
+    """Group advantage: (r − mean)/(std + eps), or Dr.GRPO's r − mean."""
+    ref_kl_coef: float = 0.0
+    """Weight of a KL penalty to the base policy (the paper uses none)."""
+    ref_kl_estimator: Literal["k1", "k3", "low_var_kl"] = "low_var_kl"
+    """KL estimator of the reference penalty."""
+    logprob_chunk_size: int = 0
+    """Tokens per chunk of the fp32 log-prob computation (0 = all at once)."""
+
+    def __post_init__(self) -> None:
+        _require(0 <= self.eps_low < 1, "loss.eps_low", f"must be in [0, 1), got {self.eps_low}")
+        _require(self.eps_high >= 0, "loss.eps_high", f"must be >= 0, got {self.eps_high}")
+        _require(self.ref_kl_coef >= 0, "loss.ref_kl_coef", f"must be >= 0, got {self.ref_kl_coef}")
+
+
+@dataclass
 class CheckpointConfig:
     """Distributed checkpoints, one directory per branch per iteration."""
 
     save_dir: Optional[str] = None
     """Where to save (null = inside ``run_dir``)."""
     load_dir: Optional[str] = None
-    """Resume from here (null = start from the base)."""
+    """Resume from here: a save directory (its ``latest``) or one ``iter_*`` directory."""
+    base: Optional[str] = None
+    """torch_dist checkpoint every branch starts from (null = random init, tests only)."""
     save_interval: int = 0
     """Save every N steps (0 = only at the end)."""
     keep_last: int = 2
     """Retention: keep the last N checkpoints."""
+    keep_every: int = 0
+    """Retention: also keep every checkpoint whose iteration is a multiple of this (0 = off)."""
     async_save: bool = False
     """Write checkpoints in the background."""
 
@@ -311,5 +341,6 @@ class Config:
     branches: list[BranchConfig] = field(default_factory=list)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)

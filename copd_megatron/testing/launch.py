@@ -20,9 +20,11 @@ from __future__ import annotations
 import os
 import pickle
 import queue as queue_mod
+import signal
 import socket
 import time
 import traceback
+import uuid
 from datetime import timedelta
 from typing import Any, Callable, Sequence
 
@@ -40,6 +42,9 @@ def _free_port() -> int:
 
 
 def _child(fn, rank, world_size, port, args, kwargs, extra_env, result_q, pg_timeout_s):
+    # A process group of its own, so the parent can take down helpers this rank starts
+    # (dist_checkpointing's writer processes outlive a killed parent otherwise).
+    os.setsid()
     os.environ.update(
         {
             "RANK": str(rank),
@@ -94,13 +99,15 @@ def run_distributed(
     """
     ctx = mp.get_context("spawn")
     result_q = ctx.Queue()
+    token = uuid.uuid4().hex
+    env = {**(env or {}), "COPD_TEST_SESSION": token}
     port = _free_port()
     # A collective left hanging by a dead peer must also time out inside the children.
     pg_timeout_s = max(30, int(timeout))
     procs = [
         ctx.Process(
             target=_child,
-            args=(fn, r, world_size, port, tuple(args), kwargs or {}, env or {}, result_q, pg_timeout_s),
+            args=(fn, r, world_size, port, tuple(args), kwargs or {}, env, result_q, pg_timeout_s),
             daemon=False,  # dist_checkpointing starts child processes of its own
         )
         for r in range(world_size)
@@ -133,7 +140,38 @@ def run_distributed(
         for p in procs:
             p.join(timeout=5)
         for p in procs:
-            if p.is_alive():
-                p.kill()
-                p.join(timeout=5)
+            _kill_group(p.pid)
+            p.join(timeout=5)
+        reap(token)
     return [results[r] for r in range(world_size)]
+
+
+def _kill_group(pid: int | None) -> None:
+    if pid is None:
+        return
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def reap(token: str) -> int:
+    """SIGKILL every process whose environment carries ``COPD_TEST_SESSION=token``.
+
+    dist_checkpointing's writer starts a multiprocessing manager that survives a rank killed
+    with SIGKILL (Slurm reaps such processes with the job's cgroup; a test must do it itself).
+    Returns the number of processes killed. Linux only (reads /proc).
+    """
+    needle = f"COPD_TEST_SESSION={token}".encode()
+    killed = 0
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                if needle in f.read().split(b"\0"):
+                    os.kill(int(entry), signal.SIGKILL)
+                    killed += 1
+        except (OSError, ProcessLookupError):
+            continue
+    return killed

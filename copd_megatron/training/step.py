@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from copd_megatron.model.build import BranchModel
+from copd_megatron.utils.faults import maybe_die
 
 
 @dataclass
@@ -94,6 +95,7 @@ def train_step(
     *,
     with_labels: bool = True,
     loss_key: str = "loss",
+    step_index: int = -1,
 ) -> StepResult:
     """Forward/backward every micro-batch, then one optimizer and LR-scheduler step."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -116,6 +118,7 @@ def train_step(
         micro_batch_size=b,
         forward_only=False,
     )
+    maybe_die("train", step_index)
     ok, grad_norm, _ = branch.optimizer.step()
     lr = branch.optimizer.param_groups[0]["lr"]
     if ok:
