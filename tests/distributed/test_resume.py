@@ -128,3 +128,28 @@ def test_incomplete_or_foreign_checkpoints_are_refused(reference, tmp_path):
     cmd[-1] = f"checkpoint.load_dir={reference / 'checkpoints'}"
     out = subprocess.run(cmd + ["optimizer.lr=0.1"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "different experiment config" in out.stderr.strip().splitlines()[-1]
+
+
+def test_sigterm_saves_and_exits_cleanly(tmp_path):
+    """What Slurm sends before a time limit: the run saves the step it reached and exits 0."""
+    import signal
+    import time
+
+    run = tmp_path / "term"
+    token = uuid.uuid4().hex
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "COPD_TEST_SESSION": token}
+    cmd = [sys.executable, "-m", "copd_megatron.cli", "configs/smoke_cpu.yaml", "schedule.train_steps=100000",
+           "checkpoint.save_interval=0", f"run_dir={run}", "logging.log_interval=1"]  # fmt: skip
+    with open(tmp_path / "term.log", "w") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline and not ((run / "metrics.jsonl").exists() and len(_losses(run)) >= 3):
+                time.sleep(0.2)
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=120) == 0
+        finally:
+            reap(token)
+    last = max(_losses(run))
+    assert (run / "checkpoints" / "latest").read_text().strip() == f"iter_{last:07d}"
+    assert (run / "checkpoints" / f"iter_{last:07d}" / "COMPLETE").exists()
