@@ -41,7 +41,9 @@ class MicroBatch:
 
 
 # loss_fn(model_output, micro_batch) -> (loss_sum, num_tokens, metrics); model_output is what
-# GPTModel.forward returned on the last stage: per-token CE [b, s] when labels were given.
+# GPTModel.forward returned on the last stage: per-token CE [b, s] when labels were given,
+# vocab-parallel logits [b, s, V/tp] otherwise. Every metric is a [sum, count] tensor; the
+# step reports sum/count over the global batch ("loss" must be among them).
 LossFn = Callable[[torch.Tensor, MicroBatch], tuple[torch.Tensor, torch.Tensor, dict]]
 
 
@@ -62,6 +64,7 @@ class StepResult:
     lr: float  # learning rate used by this step
     num_tokens: int  # loss tokens in the global batch
     skipped: bool  # True when the optimizer skipped the update (fp16 overflow)
+    metrics: dict = field(default_factory=dict)  # other losses' metrics, global means (clip fraction, ...)
 
 
 def _forward_step(loss_fn: LossFn, with_labels: bool):
@@ -73,19 +76,28 @@ def _forward_step(loss_fn: LossFn, with_labels: bool):
     return forward_step
 
 
-def _global_loss(reduced: list[dict], key: str) -> tuple[float, int]:
-    """Sum (loss_sum, tokens) over micro-batches, then over DP; share it from the last PP stage."""
+def reduce_metrics(reduced: list[dict]) -> dict[str, tuple[float, float]]:
+    """Every metric is a ``[sum, count]`` pair per micro-batch: sum them over micro-batches and
+    data-parallel ranks, share the totals from the last pipeline stage (the only one with a
+    loss), and return ``{name: (sum, count)}`` on every rank."""
     from megatron.core import parallel_state as ps
 
-    total = torch.zeros(2)
+    keys = sorted(reduced[0]) if reduced else []
+    if dist.is_initialized() and ps.get_pipeline_model_parallel_world_size() > 1:
+        box = [keys]
+        dist.broadcast_object_list(box, src=ps.get_pipeline_model_parallel_last_rank(),
+                                   group=ps.get_pipeline_model_parallel_group())  # fmt: skip
+        keys = box[0]
+    total = torch.zeros(len(keys), 2, dtype=torch.float64)
     for r in reduced:
-        total += r[key].detach().float().cpu()
-    if dist.is_initialized():
+        for i, k in enumerate(keys):
+            total[i] += r[k].detach().double().cpu().reshape(2)
+    if dist.is_initialized() and keys:
         # Sum over data-parallel replicas (each saw different sequences).
         dist.all_reduce(total, group=ps.get_data_parallel_group())
         # Only the last pipeline stage computed a loss; the other stages receive it.
         dist.broadcast(total, src=ps.get_pipeline_model_parallel_last_rank(), group=ps.get_pipeline_model_parallel_group())
-    return float(total[0] / total[1].clamp(min=1)), int(total[1])
+    return {k: (float(total[i, 0]), float(total[i, 1])) for i, k in enumerate(keys)}
 
 
 def train_step(
@@ -123,5 +135,7 @@ def train_step(
     lr = branch.optimizer.param_groups[0]["lr"]
     if ok:
         branch.scheduler.step(increment=1)
-    loss, tokens = _global_loss(reduced, loss_key)
-    return StepResult(loss, float(grad_norm or 0.0), float(lr), tokens, not ok)
+    totals = reduce_metrics(reduced)
+    loss_sum, tokens = totals.pop(loss_key)
+    metrics = {k: v[0] / max(v[1], 1e-12) for k, v in totals.items()}
+    return StepResult(loss_sum / max(tokens, 1.0), float(grad_norm or 0.0), float(lr), int(tokens), not ok, metrics)
