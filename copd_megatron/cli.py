@@ -42,16 +42,12 @@ def train_main(argv: list[str] | None = None) -> int:
     if args.check:
         print(f"{args.config}: ok for world size {env.world_size} ({layout})")
         return 0
-    if cfg.schedule.mode != "smoke":
-        print(f"copd-train: error: schedule.mode: {cfg.schedule.mode!r} is not available in this version; use 'smoke'",
-              file=sys.stderr)  # fmt: skip
-        return EXIT_CONFIG_ERROR
     return _run(cfg, layout, env)
 
 
 def _run(cfg, layout, env) -> int:
     from copd_megatron.distributed.init import destroy_distributed, init_distributed, init_model_parallel, set_seed
-    from copd_megatron.trainer import run_smoke
+    from copd_megatron.trainer import run_recipe, run_smoke
     from copd_megatron.utils.logging import setup_logging
 
     setup_logging(cfg.logging.level, env.rank)
@@ -61,7 +57,7 @@ def _run(cfg, layout, env) -> int:
         set_seed(cfg.seed)
         if env.rank == 0:
             dump_config(cfg, Path(cfg.run_dir) / "config.yaml")
-        run_smoke(cfg, layout)
+        (run_smoke if cfg.schedule.mode == "smoke" else run_recipe)(cfg, layout)
     except ConfigError as e:  # found while starting, e.g. a checkpoint that cannot be resumed
         print(f"copd-train: error: {e}", file=sys.stderr)
         return EXIT_CONFIG_ERROR

@@ -95,3 +95,150 @@ def run_smoke(cfg: Config, layout: Layout) -> list[float]:
     manager.wait()
     writer.close()
     return losses
+
+
+def run_recipe(cfg: Config, layout: Layout) -> dict:
+    """CoPD (or a baseline): rollouts → rewards → advantages → peer log-probs → update, per
+    branch and step; behaviour metrics and evaluation per phase; merge and evaluate at the end."""
+    from megatron.core import parallel_state as ps
+
+    from copd_megatron.copd import branches as B
+    from copd_megatron.copd.build import build_branches, eval_table, merge_branches
+    from copd_megatron.copd.recipes import final_models, stages
+    from copd_megatron.data.tokenizer import load_tokenizer
+    from copd_megatron.training.policy import policy_update
+
+    tok = load_tokenizer(cfg.tokenizer)
+    plan_stages = stages(cfg)
+    total = max(sum(st.rhythm.total_steps() for st in plan_stages), 1)
+    branches, sources = build_branches(cfg, tok, total)
+    B.init_cross_streams(cfg, branches)
+    manager, preempt = make_manager(cfg), PreemptionFlag()
+    models = {n: b.model for n, b in branches.items()}
+    state = resume_or_start(cfg, manager, models)
+    if "data" in state:
+        B.load_data_state(branches, state["data"])
+    state.setdefault("stage", 0)
+    rank0 = torch.distributed.get_rank() == 0
+    writer = MetricsWriter(cfg.run_dir, enabled=rank0, tensorboard=cfg.logging.tensorboard)
+    dp, dp_rank = layout.dp, ps.get_data_parallel_rank()
+    done, t_start, counter = 0, time.perf_counter(), state.get("counter", 0)
+    for si, stage in enumerate(plan_stages):
+        if si < state["stage"]:
+            continue
+        if stage.native_fraction is not None:
+            cfg.schedule.native_fraction = stage.native_fraction
+        plans = list(stage.rhythm) if not cfg.schedule.adaptive else stage.rhythm
+        for plan in plans:
+            if si == state["stage"] and plan.global_step < state.get("step", 0):
+                continue  # already done before the resume
+            t0 = time.perf_counter()
+            # Every branch reads its peers' weights BEFORE any branch updates: live teachers,
+            # never from the future (paper §4, synchronous co-evolution).
+            batches = {n: B.collect(cfg, tok, branches, n, plan.teachers[n], plan.global_step, dp_rank, dp)
+                       for n in stage.trainable}  # fmt: skip
+            metrics = {"stage": si, "cycle": plan.cycle, "phase_opd": float(plan.phase == "opd")}
+            for n, col in batches.items():
+                res = policy_update(branches[n].model, col.batch, cfg.loss, micro_batch_size=cfg.parallel.micro_batch_size,
+                                    temperature=cfg.rollout.temperature, vocab_size=cfg.model.vocab_size,
+                                    max_len=cfg.rollout.max_new_tokens, step_index=counter + 1)  # fmt: skip
+                m = {**B.reduce_over_dp(col.metrics), "loss": res.loss, "grad_norm": res.grad_norm, "lr": res.lr,
+                     **res.metrics, "time/step": time.perf_counter() - t0}  # fmt: skip
+                metrics.update({f"branch/{n}/{k}": v for k, v in m.items()})
+            counter += 1
+            done += 1
+            if _phase_ends(stage, plan) or cfg.schedule.adaptive:
+                behaviour = _behaviour(cfg, branches, stage, plan, dp_rank, dp, tok)
+                metrics.update(behaviour)
+                if cfg.schedule.adaptive and behaviour:
+                    stage.rhythm.observe_overlap(min(v for k, v in behaviour.items() if k.endswith("/overlap")))
+            if cfg.eval.every and counter % cfg.eval.every == 0:
+                metrics.update(_flat_eval(eval_table(cfg, tok, {n: b.engine for n, b in branches.items()}, sources)))
+            writer.write(counter, metrics)
+            _log_step(stage, plan, metrics, done, total - state.get("counter", 0), time.perf_counter() - t_start)
+            state.update(stage=si, step=plan.global_step + 1, counter=counter, data=B.data_state(branches))
+            stop = preempt.should_stop()
+            if stop or (cfg.checkpoint.save_interval and counter % cfg.checkpoint.save_interval == 0):
+                manager.save(counter, models, state, cfg.model, cfg.precision.params_dtype)
+            manager.poll()
+            if stop:
+                manager.wait()
+                logger.warning("signal received: saved step %d, exiting cleanly", counter)
+                return {}
+        state.update(stage=si + 1, step=0)
+    manager.save(counter, models, state, cfg.model, cfg.precision.params_dtype)
+    manager.wait()
+    engines = {n: b.engine for n, b in branches.items() if n != "student" or cfg.schedule.mode == "mopd"}
+    finals = final_models(cfg)
+    if len(finals) > 1 and cfg.schedule.merge != "none":
+        engines["merged"] = merge_branches(cfg, branches, finals, f"{cfg.run_dir}/merged")
+    table = eval_table(cfg, tok, engines, sources)
+    _write_eval(cfg, table, finals, rank0)
+    writer.close()
+    return table
+
+
+def _phase_ends(stage, plan) -> bool:
+    r = stage.rhythm
+    return plan.step_in_phase == (r.s_rl if plan.phase == "rl" else r.s_opd) - 1
+
+
+def _behaviour(cfg: Config, branches: dict, stage, plan, dp_rank: int, dp: int, tok) -> dict[str, float]:
+    """Top-k overlap and symmetric KL of every pair of data branches, each on the student's own
+    rollouts of held-out prompts of its domain (paper Fig. 5); evaluation at the end of a cycle."""
+    from copd_megatron.copd.branches import sampling
+    from copd_megatron.copd.build import eval_table
+    from copd_megatron.copd.metrics import pair_behaviour
+    from copd_megatron.copd.rlvr import derived_seed, rollout
+    from copd_megatron.copd.topology import edges_for
+
+    out: dict[str, float] = {}
+    names = [b.name for b in cfg.branches if b.name in branches]
+    for a, b in edges_for(names, "full"):
+        for s, t in ((a, b), (b, a)):
+            src = branches[s].native[0][0]
+            prompts = src.held_out[: cfg.eval.overlap_prompts][dp_rank::dp]
+            params = sampling(cfg, tok, derived_seed(cfg.seed, "overlap", s, plan.global_step, dp_rank))
+            scored = rollout(branches[s].engine, tok, prompts, 1, params, src.verifier)
+            m = pair_behaviour(branches[s].model.chunks, branches[t].model.chunks, scored.rollouts.tokens,
+                               scored.rollouts.response_mask[:, 1:], k=cfg.schedule.overlap_k,
+                               vocab_size=cfg.model.vocab_size, micro_batch_size=cfg.parallel.micro_batch_size)  # fmt: skip
+            out.update({f"pair/{s}->{t}/{k}": v for k, v in m.items()})
+    if cfg.eval.every == 0 and (plan.phase == "opd" or stage.rhythm.s_opd == 0):
+        out.update(_flat_eval(eval_table(cfg, tok, {n: br.engine for n, br in branches.items()},
+                                         [br.native[0][0] for br in branches.values() if len(br.native) == 1])))  # fmt: skip
+    return out
+
+
+def _flat_eval(table: dict) -> dict[str, float]:
+    return {f"eval/{m}/{d}/{k}": v for m, doms in table.items() for d, vals in doms.items() for k, v in vals.items()
+            if k != "n"}  # fmt: skip
+
+
+def _log_step(stage, plan, metrics: dict, done: int, total: int, elapsed: float) -> None:
+    eta = elapsed / max(done, 1) * max(total - done, 0)
+    parts = []
+    for key, v in metrics.items():
+        if key.startswith("branch/") and key.endswith(("/native/reward", "/loss")):
+            parts.append(f"{key.removeprefix('branch/')} {v:.3f}")
+        if key.startswith("pair/") and key.endswith("/overlap"):
+            parts.append(f"{key.removeprefix('pair/')} {v:.3f}")
+    logger.info("%s c%d %s s%d | step %d/%d | ETA %.0fs | %s", stage.name, plan.cycle, plan.phase, plan.step_in_phase,
+                done, total, eta, " | ".join(parts))  # fmt: skip
+
+
+def _write_eval(cfg: Config, table: dict, finals: list[str], rank0: bool) -> None:
+    import json
+    from pathlib import Path
+
+    if not rank0:
+        return
+    Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+    Path(cfg.run_dir, "eval.json").write_text(json.dumps({"mode": cfg.schedule.mode, "final": finals, "table": table},
+                                                         indent=1))  # fmt: skip
+    domains = sorted({d for doms in table.values() for d in doms})
+    lines = ["| model | " + " | ".join(domains) + " | avg |", "|---" * (len(domains) + 2) + "|"]
+    for m, doms in table.items():
+        vals = [doms[d]["pass@1"] for d in domains]
+        lines.append(f"| {m} | " + " | ".join(f"{v:.3f}" for v in vals) + f" | {sum(vals) / len(vals):.3f} |")
+    print("\n".join(lines))

@@ -6,6 +6,7 @@ from copd_megatron.config.schema import (
     BranchConfig,
     CheckpointConfig,
     Config,
+    EvalConfig,
     ConfigError,
     LoggingConfig,
     LossConfig,
@@ -19,7 +20,7 @@ from copd_megatron.config.schema import (
 from copd_megatron.config.validate import validate
 
 __all__ = [
-    "PRESETS", "BranchConfig", "CheckpointConfig", "Config", "ConfigError", "LoggingConfig", "LossConfig",
+    "PRESETS", "BranchConfig", "CheckpointConfig", "Config", "ConfigError", "EvalConfig", "LoggingConfig", "LossConfig",
     "ModelConfig", "OptimizerConfig", "ParallelConfig", "PrecisionConfig", "RolloutConfig",
     "ScheduleConfig", "config_from_dict", "config_hash", "config_to_dict", "dump_config", "load_config", "validate",
 ]  # fmt: skip

@@ -202,6 +202,8 @@ class BranchConfig:
     """β_k: weight of the cross-branch OPD advantage β·(log π_teacher − log π_student)."""
     difficulty: int = 2
     """Difficulty knob of synthetic task families."""
+    eval_data: Optional[str] = None
+    """Held-out prompts of this branch's domain (JSONL); null = a fresh synthetic split."""
 
 
 @dataclass
@@ -230,6 +232,22 @@ class ScheduleConfig:
     """OPD signal: the paper's sampled-token advantage, or a full-vocab / top-k divergence."""
     overlap_k: int = 10
     """k of the top-k overlap health metric."""
+    jsd_beta: float = 0.5
+    """β of ``opd_loss: jsd`` (0 = forward KL, 1 = reverse KL)."""
+    opd_topk: int = 16
+    """k of ``opd_loss: topk_kl``."""
+    adaptive: bool = False
+    """Adaptive rhythm (beyond the paper): end Phase I when overlap < floor, Phase II when > ceiling."""
+    overlap_floor: float = 0.90
+    """Adaptive rhythm: Phase I ends early when the pair overlap falls below this."""
+    overlap_ceiling: float = 0.97
+    """Adaptive rhythm: Phase II ends early when the pair overlap rises above this."""
+    static_teacher: Optional[str] = None
+    """``mode: static_opd``: the frozen expert that teaches (e.g. image for OPD V→T)."""
+    static_student: Optional[str] = None
+    """``mode: static_opd``: the expert that is distilled into and becomes the final model."""
+    merge: Literal["average", "task_arithmetic", "ties", "dare", "dare_ties", "none"] = "average"
+    """How branches become one model at the end (CoPD: uniform average)."""
 
     def __post_init__(self) -> None:
         for name in ("cycles", "s_rl", "s_opd", "train_steps", "overlap_k"):
@@ -259,6 +277,8 @@ class RolloutConfig:
     """Nucleus sampling threshold."""
     top_k: int = 0
     """Top-k sampling (0 = off)."""
+    stop: list[str] = field(default_factory=list)
+    """Stop strings (the EOS token always stops)."""
 
     def __post_init__(self) -> None:
         _require(self.group_size >= 1, "rollout.group_size", f"must be >= 1, got {self.group_size}")
@@ -325,6 +345,22 @@ class LoggingConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Held-out evaluation of every branch on every domain."""
+
+    every: int = 0
+    """Evaluate every N steps (0 = at the end of every cycle and of the run)."""
+    prompts_per_domain: int = 64
+    """Held-out prompts per domain."""
+    samples: int = 1
+    """n for mean@n (sampled); greedy pass@1 is always reported."""
+    temperature: float = 1.0
+    """Sampling temperature for mean@n."""
+    overlap_prompts: int = 16
+    """Student rollouts per connected pair used for top-k overlap / symmetric KL."""
+
+
+@dataclass
 class Config:
     """A whole run."""
 
@@ -334,6 +370,8 @@ class Config:
     """Global seed: model init, data order and sampling derive from it."""
     run_dir: str = "runs/run"
     """Output directory: resolved config, metrics JSONL, checkpoints."""
+    tokenizer: Optional[str] = None
+    """SentencePiece .model file or a directory with Hugging Face tokenizer files."""
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
@@ -342,5 +380,6 @@ class Config:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)

@@ -54,6 +54,8 @@ def _validate_branches(cfg: Config) -> None:
     if dupes:
         raise ConfigError(f"branches: duplicate branch names {dupes}; every branch needs a unique name")
     sched = cfg.schedule
+    if sched.mode in ("copd", "static_opd", "mopd") and len(cfg.branches) < 2:
+        raise ConfigError(f"branches: schedule.mode {sched.mode!r} needs at least 2 branches, got {len(names)}")
     if sched.topology == "hub":
         if sched.hub not in names:
             raise ConfigError(f"schedule.hub: {sched.hub!r} is not a branch; expected one of {names}")
@@ -65,5 +67,15 @@ def _validate_branches(cfg: Config) -> None:
                 raise ConfigError(
                     f"schedule.edges.{i}: {edge!r} must be a pair of two different branch names from {names}"
                 )
-    if sched.mode in ("copd", "static_opd", "mopd") and len(cfg.branches) < 2:
-        raise ConfigError(f"branches: schedule.mode {sched.mode!r} needs at least 2 branches, got {len(names)}")
+    if sched.mode == "static_opd":
+        for key in ("static_teacher", "static_student"):
+            if getattr(sched, key) not in names:
+                raise ConfigError(f"schedule.{key}: {getattr(sched, key)!r} is not a branch; expected one of {names}")
+        if sched.static_teacher == sched.static_student:
+            raise ConfigError("schedule.static_student: must differ from schedule.static_teacher")
+    if sched.mode != "smoke":
+        for i, b in enumerate(cfg.branches):
+            if b.data is None or b.verifier is None:
+                raise ConfigError(f"branches.{i}: branch {b.name!r} needs 'data' and 'verifier'")
+        if cfg.tokenizer is None:
+            raise ConfigError("tokenizer: RL recipes need a tokenizer (a .model file or a tokenizer directory)")

@@ -20,8 +20,11 @@ from copd_megatron.training.step import MicroBatch
 CollectFn = Callable[[torch.Tensor, MicroBatch], dict[str, torch.Tensor]]
 
 
-def forward_collect(chunks: list, microbatches: list[MicroBatch], fn: CollectFn) -> dict[str, torch.Tensor]:
-    """Run ``fn`` on every micro-batch's logits; return results concatenated along dim 0 on all ranks."""
+def forward_collect(
+    chunks: list, microbatches: list[MicroBatch], fn: CollectFn, broadcast: bool = True
+) -> dict[str, torch.Tensor]:
+    """Run ``fn`` on every micro-batch's logits; return results concatenated along dim 0 on all
+    ranks (``broadcast=False``: on the last pipeline stage only, e.g. for logits themselves)."""
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -50,7 +53,7 @@ def forward_collect(chunks: list, microbatches: list[MicroBatch], fn: CollectFn)
         for c, t in zip(chunks, was_training):
             c.train(t)
     merged = {k: torch.cat([o[k] for o in outputs]) for k in outputs[0]} if outputs else {}
-    if dist.is_initialized() and ps.get_pipeline_model_parallel_world_size() > 1:
+    if broadcast and dist.is_initialized() and ps.get_pipeline_model_parallel_world_size() > 1:
         merged = _broadcast_from_last_stage(merged)
     return merged
 
