@@ -46,7 +46,12 @@ def train_main(argv: list[str] | None = None) -> int:
 
 
 def _run(cfg, layout, env) -> int:
-    from copd_megatron.distributed.init import destroy_distributed, init_distributed, init_model_parallel, set_seed
+    from copd_megatron.distributed.init import (
+        destroy_distributed,
+        init_distributed,
+        init_model_parallel,
+        set_seed,
+    )
     from copd_megatron.trainer import run_recipe, run_smoke
     from copd_megatron.utils.logging import setup_logging
 

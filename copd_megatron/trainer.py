@@ -122,7 +122,11 @@ def run_recipe(cfg: Config, layout: Layout) -> dict:
     rank0 = torch.distributed.get_rank() == 0
     writer = MetricsWriter(cfg.run_dir, enabled=rank0, tensorboard=cfg.logging.tensorboard)
     dp, dp_rank = layout.dp, ps.get_data_parallel_rank()
+    # The base, evaluated before any update (every branch starts from it), for the result table.
+    base_eval = state.get("base_eval") or eval_table(cfg, tok, {"base": next(iter(branches.values())).engine}, sources)
+    state["base_eval"] = base_eval
     done, t_start, counter = 0, time.perf_counter(), state.get("counter", 0)
+    remaining = total - counter
     for si, stage in enumerate(plan_stages):
         if si < state["stage"]:
             continue
@@ -155,7 +159,7 @@ def run_recipe(cfg: Config, layout: Layout) -> dict:
             if cfg.eval.every and counter % cfg.eval.every == 0:
                 metrics.update(_flat_eval(eval_table(cfg, tok, {n: b.engine for n, b in branches.items()}, sources)))
             writer.write(counter, metrics)
-            _log_step(stage, plan, metrics, done, total - state.get("counter", 0), time.perf_counter() - t_start)
+            _log_step(stage, plan, metrics, done, remaining, time.perf_counter() - t_start)
             state.update(stage=si, step=plan.global_step + 1, counter=counter, data=B.data_state(branches))
             stop = preempt.should_stop()
             if stop or (cfg.checkpoint.save_interval and counter % cfg.checkpoint.save_interval == 0):
@@ -172,7 +176,7 @@ def run_recipe(cfg: Config, layout: Layout) -> dict:
     finals = final_models(cfg)
     if len(finals) > 1 and cfg.schedule.merge != "none":
         engines["merged"] = merge_branches(cfg, branches, finals, f"{cfg.run_dir}/merged")
-    table = eval_table(cfg, tok, engines, sources)
+    table = {**base_eval, **eval_table(cfg, tok, engines, sources)}
     _write_eval(cfg, table, finals, rank0)
     writer.close()
     return table

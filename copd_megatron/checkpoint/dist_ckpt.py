@@ -57,12 +57,39 @@ def read_meta(ckpt_dir: str | Path) -> tuple[ModelConfig, str]:
     return cfg.model, meta.get("params_dtype") or "fp32"
 
 
+def check_shapes(sharded_state_dict: dict, ckpt_dir: str | Path) -> None:
+    """Refuse a checkpoint whose tensors have other global shapes than the model's (a reshard
+    of mismatched shapes can otherwise load partially without an error)."""
+    import copy
+
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
+
+    saved = dist_checkpointing.load_tensors_metadata(str(ckpt_dir))
+    wanted = copy.copy(sharded_state_dict)
+    apply_factories(wanted)
+    stack = [wanted]
+    while stack:
+        node = stack.pop()
+        items = node.values() if isinstance(node, dict) else node if isinstance(node, list) else []
+        for v in items:
+            if isinstance(v, (dict, list)):
+                stack.append(v)
+            elif isinstance(v, ShardedTensor) and v.key in saved:
+                if tuple(saved[v.key].global_shape) != tuple(v.global_shape):
+                    raise ConfigError(
+                        f"{ckpt_dir}: tensor {v.key!r} has shape {tuple(saved[v.key].global_shape)} in the checkpoint "
+                        f"but {tuple(v.global_shape)} in the model (different architecture or vocabulary padding)"
+                    )
+
+
 def load_model(chunks: list, ckpt_dir: str | Path) -> None:
     """Load weights saved at any layout into this rank's chunks (collective, strict)."""
     from megatron.core import dist_checkpointing
 
     if not Path(ckpt_dir, "metadata.json").is_file():
         raise ConfigError(f"{ckpt_dir}: not a torch_dist checkpoint (metadata.json is missing)")
+    check_shapes(_sharded_state_dict(chunks), ckpt_dir)
     state = dist_checkpointing.load(_sharded_state_dict(chunks), str(ckpt_dir))
     if len(chunks) == 1:
         chunks[0].load_state_dict(state, strict=True)

@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from copd_megatron.checkpoint.dist_ckpt import META_FILE
+from copd_megatron.checkpoint.dist_ckpt import META_FILE, check_shapes
 from copd_megatron.config.schema import ConfigError
 from copd_megatron.utils.faults import maybe_die
 
@@ -142,10 +142,12 @@ def load_branch(branch, ckpt_dir: Path) -> None:
 
     saved = (yaml.safe_load((ckpt_dir / META_FILE).read_text()) or {}).get("layout") or {}
     same_layout = [saved.get("tp"), saved.get("pp"), saved.get("world")] == _layout()
+    models = [_unwrapped(c) for c in branch.chunks]
+    for i, m in enumerate(models):  # shapes first: nothing is loaded from a mismatched checkpoint
+        check_shapes(m.sharded_state_dict() if len(models) == 1 else {f"model{i}": m.sharded_state_dict()}, ckpt_dir)
     _materialise_optimizer_state(branch.optimizer)
     _tolerate_missing_step(branch.optimizer)
     state = dist_checkpointing.load(_branch_sharded_state(branch, True, with_rng=same_layout), str(ckpt_dir))
-    models = [_unwrapped(c) for c in branch.chunks]
     if len(models) == 1:
         models[0].load_state_dict(state["model"], strict=True)
     else:
@@ -185,7 +187,9 @@ class CheckpointManager:
         self.keep_last, self.keep_every, self.async_save = keep_last, keep_every, async_save
         self._queue = None
         if async_save:
-            from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+            from megatron.core.dist_checkpointing.strategies.async_utils import (
+                AsyncCallsQueue,
+            )
 
             self._queue = AsyncCallsQueue()
 

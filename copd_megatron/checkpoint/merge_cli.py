@@ -23,7 +23,12 @@ from pathlib import Path
 
 import torch
 
-from copd_megatron.checkpoint.merge import METHODS, NEEDS_BASE, global_index, merge_tensor
+from copd_megatron.checkpoint.merge import (
+    METHODS,
+    NEEDS_BASE,
+    global_index,
+    merge_tensor,
+)
 from copd_megatron.config.schema import ConfigError
 
 
@@ -136,7 +141,12 @@ def _shard_threshold(tau: torch.Tensor, density: float, whole: bool) -> float:
 
 def merge_chunk(chunk, args) -> dict:
     """Merged state dict of this rank's chunk, ready for ``load_state_dict``."""
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory, apply_factories, apply_factory_merges
+    from megatron.core.dist_checkpointing.mapping import (
+        ShardedTensor,
+        ShardedTensorFactory,
+        apply_factories,
+        apply_factory_merges,
+    )
 
     template = chunk.sharded_state_dict()
     factories = {k: v for k, v in template.items() if isinstance(v, ShardedTensorFactory)}

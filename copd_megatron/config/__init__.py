@@ -1,13 +1,19 @@
 """Configuration: typed schema, strict YAML loading with overrides, cross-section validation."""
 
-from copd_megatron.config.load import config_from_dict, config_hash, config_to_dict, dump_config, load_config
+from copd_megatron.config.load import (
+    config_from_dict,
+    config_hash,
+    config_to_dict,
+    dump_config,
+    load_config,
+)
 from copd_megatron.config.presets import PRESETS
 from copd_megatron.config.schema import (
     BranchConfig,
     CheckpointConfig,
     Config,
-    EvalConfig,
     ConfigError,
+    EvalConfig,
     LoggingConfig,
     LossConfig,
     ModelConfig,

@@ -29,11 +29,14 @@ class Layout:
         return self.tp * self.pp * self.cp
 
 
-def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
-    """Megatron's padding: round up to a multiple of ``divisible_by · tp`` so every TP rank
-    owns an equal vocabulary shard. Padded ids get -inf logits in the losses and sampler."""
-    multiple = divisible_by * tp
-    return ((vocab_size + multiple - 1) // multiple) * multiple
+def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int = 1) -> int:
+    """Round the vocabulary up to a multiple of ``divisible_by`` (128 by default).
+
+    Unlike Megatron-LM (a multiple of ``divisible_by · tp``) the padded size does not depend
+    on TP, so a checkpoint saved at TP=1 has the same embedding shape as one at TP=8 and
+    reshards without surprises; ``resolve_layout`` checks that TP divides it. Padded ids get
+    −inf logits in the losses and the sampler. ``tp`` is accepted for call-site clarity only."""
+    return ((vocab_size + divisible_by - 1) // divisible_by) * divisible_by
 
 
 def resolve_layout(parallel: ParallelConfig, model: ModelConfig, world_size: int) -> Layout:
@@ -50,6 +53,13 @@ def resolve_layout(parallel: ParallelConfig, model: ModelConfig, world_size: int
         raise ConfigError(
             f"parallel.tp: {parallel.tp} does not divide model.num_query_groups={groups}; "
             f"allowed tp values: {_divisors(groups)}"
+        )
+    padded = padded_vocab_size(model.vocab_size, model.make_vocab_size_divisible_by)
+    if padded % parallel.tp:
+        raise ConfigError(
+            f"parallel.tp: {parallel.tp} does not divide the padded vocabulary {padded} "
+            f"(model.vocab_size={model.vocab_size} rounded up to model.make_vocab_size_divisible_by="
+            f"{model.make_vocab_size_divisible_by}); raise make_vocab_size_divisible_by to a multiple of tp"
         )
     stages = parallel.pp * (parallel.vpp or 1)
     if model.num_layers % stages:

@@ -19,8 +19,8 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from copd_megatron.config.schema import Config, ConfigError
 from copd_megatron.config.presets import PRESETS
+from copd_megatron.config.schema import Config, ConfigError
 
 
 def _type_name(tp: Any) -> str:

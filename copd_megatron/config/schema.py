@@ -43,7 +43,7 @@ class ModelConfig:
     vocab_size: int = 512
     """True tokenizer vocabulary; the model pads it (see ``make_vocab_size_divisible_by``)."""
     make_vocab_size_divisible_by: int = 128
-    """Pad the vocabulary to a multiple of this × ``parallel.tp``; padded ids are never sampled."""
+    """Pad the vocabulary to a multiple of this (independent of TP, so checkpoints reshard); TP must divide it."""
     seq_length: int = 256
     """Maximum sequence length (prompt + response) used for RoPE and buffers."""
     rotary_base: float = 10000.0

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import importlib.util
 
-from copd_megatron.config.schema import Config, ConfigError
 from copd_megatron.config.layout import Layout, resolve_layout
+from copd_megatron.config.schema import Config, ConfigError
 
 
 def _have(module: str) -> bool:
@@ -44,6 +44,13 @@ def validate(cfg: Config, world_size: int, *, cuda_available: bool | None = None
             f"optimizer.name: {cfg.optimizer.name!r} is not supported by Megatron's distributed optimizer; "
             "use 'adam' or set parallel.use_distributed_optimizer=false"
         )
+    if cfg.schedule.mode != "smoke" and cfg.rollout.prompts_per_step % layout.dp:
+        raise ConfigError(
+            f"rollout.prompts_per_step: {cfg.rollout.prompts_per_step} is not divisible by the data-parallel size "
+            f"{layout.dp}; every data-parallel rank needs the same number of prompts"
+        )
+    if cfg.rollout.engine == "megatron" and cfg.parallel.vpp is not None and cfg.schedule.mode != "smoke":
+        raise ConfigError("parallel.vpp: the Megatron rollout engine does not support virtual pipeline stages; set null")
     _validate_branches(cfg)
     return layout
 

@@ -20,7 +20,14 @@ from dataclasses import dataclass, field
 import torch
 
 from copd_megatron.config.schema import Config
-from copd_megatron.copd.rlvr import Scored, concat, cross_batch, derived_seed, native_batch, rollout
+from copd_megatron.copd.rlvr import (
+    Scored,
+    concat,
+    cross_batch,
+    derived_seed,
+    native_batch,
+    rollout,
+)
 from copd_megatron.data.prompts import PromptSample, PromptStream, load_prompts
 from copd_megatron.model.build import BranchModel
 from copd_megatron.rewards import synthetic

@@ -8,12 +8,16 @@ import torch
 
 from copd_megatron.checkpoint.dist_ckpt import load_model, save_model
 from copd_megatron.checkpoint.merge import merge_tensor
-from copd_megatron.config.schema import Config
+from copd_megatron.config.schema import Config, ConfigError
 from copd_megatron.copd.branches import Branch, Source, make_source
 from copd_megatron.copd.recipes import branch_names
 from copd_megatron.data.prompts import PromptStream
 from copd_megatron.distributed.init import set_seed
-from copd_megatron.model.build import build_model_chunks, transformer_config, wrap_and_optimize
+from copd_megatron.model.build import (
+    build_model_chunks,
+    transformer_config,
+    wrap_and_optimize,
+)
 from copd_megatron.rollout.evaluate import evaluate
 from copd_megatron.rollout.megatron_engine import MegatronEngine
 
@@ -33,6 +37,11 @@ def _base_chunks(cfg: Config) -> tuple[list, object]:
 def build_branches(cfg: Config, tokenizer, total_steps: int) -> tuple[dict[str, Branch], list[Source]]:
     from copd_megatron.copd.rlvr import derived_seed
 
+    if tokenizer.vocab_size != cfg.model.vocab_size:
+        raise ConfigError(
+            f"model.vocab_size: {cfg.model.vocab_size} does not match the tokenizer's {tokenizer.vocab_size} "
+            f"({cfg.tokenizer}); set model.vocab_size={tokenizer.vocab_size}"
+        )
     sources = [make_source(cfg, i, tokenizer) for i in range(len(cfg.branches))]
     by_name = {b.name: (src, b.beta) for b, src in zip(cfg.branches, sources)}
     branches = {}

@@ -6,7 +6,13 @@
 """
 
 from copd_megatron.losses.grpo import aggregate, group_advantages, policy_loss, ref_kl
-from copd_megatron.losses.opd import opd_advantage, symmetric_kl, topk_kl, topk_overlap, vocab_divergence
+from copd_megatron.losses.opd import (
+    opd_advantage,
+    symmetric_kl,
+    topk_kl,
+    topk_overlap,
+    vocab_divergence,
+)
 from copd_megatron.losses.vocab_parallel import (
     entropy_from_logits,
     gather_at,

@@ -25,7 +25,12 @@ import math
 
 import torch
 
-from copd_megatron.losses.vocab_parallel import gather_at, global_topk, log_softmax, reduce_sum
+from copd_megatron.losses.vocab_parallel import (
+    gather_at,
+    global_topk,
+    log_softmax,
+    reduce_sum,
+)
 
 
 def opd_advantage(teacher_logp: torch.Tensor, student_logp: torch.Tensor, beta: float, mask: torch.Tensor) -> torch.Tensor:

@@ -18,8 +18,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from copd_megatron.config.schema import ModelConfig, OptimizerConfig, ParallelConfig, PrecisionConfig
 from copd_megatron.config.layout import padded_vocab_size
+from copd_megatron.config.schema import (
+    ModelConfig,
+    OptimizerConfig,
+    ParallelConfig,
+    PrecisionConfig,
+)
 from copd_megatron.model.specs import gpt_layer_spec, use_transformer_engine
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -120,7 +125,11 @@ def wrap_and_optimize(
     chunks: list, config, parallel: ParallelConfig, precision: PrecisionConfig, optim: OptimizerConfig, total_steps: int
 ) -> BranchModel:
     """Wrap chunks in Megatron DDP, make replicas equal, and build optimizer + LR schedule."""
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+    from megatron.core.distributed import (
+        DistributedDataParallel,
+        DistributedDataParallelConfig,
+        finalize_model_grads,
+    )
     from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
     from megatron.core.optimizer import get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler

@@ -144,7 +144,9 @@ class MegatronEngine:
         """Run positions ``offset..offset+s`` through this rank's stage; on the last stage
         return the full-vocabulary logits of the final position ``[n, V]`` (else None)."""
         from megatron.core import parallel_state as ps
-        from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+        from megatron.core.tensor_parallel import (
+            gather_from_tensor_model_parallel_region,
+        )
 
         n, s = tokens.shape
         model = _unwrap(self.model)

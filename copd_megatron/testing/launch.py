@@ -17,6 +17,7 @@ compatibility layer when CUDA is absent, and send back their return value pickle
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import os
 import pickle
 import queue as queue_mod
@@ -27,8 +28,6 @@ import traceback
 import uuid
 from datetime import timedelta
 from typing import Any, Callable, Sequence
-
-import multiprocessing as mp
 
 
 class DistributedTestError(RuntimeError):

@@ -22,7 +22,12 @@ from dataclasses import dataclass
 import torch
 
 from copd_megatron.config.schema import LossConfig
-from copd_megatron.losses import aggregate, entropy_from_logits, policy_loss, token_logprobs
+from copd_megatron.losses import (
+    aggregate,
+    entropy_from_logits,
+    policy_loss,
+    token_logprobs,
+)
 from copd_megatron.model.build import BranchModel
 from copd_megatron.rollout.types import RolloutBatch
 from copd_megatron.training.forward import forward_collect

@@ -19,6 +19,8 @@ def setup_logging(level: str = "INFO", rank: int = 0) -> None:
     # modules we never use, and its own use of deprecated torch.distributed names.
     warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")
     warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.distributed\..* is deprecated")
+    # torch.distributed.checkpoint (under dist_checkpointing) warns about its own API evolution.
+    warnings.filterwarnings("ignore", module=r"torch\.distributed\.checkpoint")
     logging.basicConfig(
         level=getattr(logging, level) if rank == 0 else logging.WARNING,
         format=f"%(asctime)s [rank{rank}] %(name)s: %(message)s",
