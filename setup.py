@@ -24,11 +24,13 @@ setup(
         "gpu": ["transformer-engine[pytorch]", "apex"],
         "rollout": ["vllm"],
         "test": ["pytest", "pytest-timeout"],
+        "plots": ["matplotlib"],
     },
     entry_points={
         "console_scripts": [
             "copd-train=copd_megatron.cli:train_main",
             "copd-merge=copd_megatron.checkpoint.merge_cli:main",
+            "copd-eval=copd_megatron.eval_cli:main",
         ],
     },
 )

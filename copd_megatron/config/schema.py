@@ -358,6 +358,8 @@ class EvalConfig:
     """Sampling temperature for mean@n."""
     overlap_prompts: int = 16
     """Student rollouts per connected pair used for top-k overlap / symmetric KL."""
+    seed: int = 12345
+    """Seed of synthetic held-out sets: fixed across run seeds so every run sees the same test."""
 
 
 @dataclass

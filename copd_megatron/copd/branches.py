@@ -63,7 +63,7 @@ def make_source(cfg: Config, index: int, tokenizer) -> Source:
     if b.data.startswith("synthetic:"):
         family = b.data.split(":", 1)[1]
         train = synthetic.generate(family, 20000, b.difficulty, seed=cfg.seed)
-        held = synthetic.generate(family, cfg.eval.prompts_per_domain, b.difficulty, seed=cfg.seed + 7919)
+        held = synthetic.generate(family, cfg.eval.prompts_per_domain, b.difficulty, seed=cfg.eval.seed)
         domain = family
     else:
         train, _ = load_prompts(b.data, domain=b.name)
