@@ -143,9 +143,14 @@ def run_recipe(cfg: Config, layout: Layout) -> dict:
                        for n in stage.trainable}  # fmt: skip
             metrics = {"stage": si, "cycle": plan.cycle, "phase_opd": float(plan.phase == "opd")}
             for n, col in batches.items():
+                if cfg.optimizer.offload_inactive:  # only the updating branch's optimizer state on device
+                    branches[n].model.optimizer.restore_from_cpu()
                 res = policy_update(branches[n].model, col.batch, cfg.loss, micro_batch_size=cfg.parallel.micro_batch_size,
                                     temperature=cfg.rollout.temperature, vocab_size=cfg.model.vocab_size,
-                                    max_len=cfg.rollout.max_new_tokens, step_index=counter + 1)  # fmt: skip
+                                    max_len=cfg.rollout.max_new_tokens, step_index=counter + 1,
+                                    opd=(cfg.schedule.opd_loss, cfg.schedule.jsd_beta, cfg.schedule.opd_topk))  # fmt: skip
+                if cfg.optimizer.offload_inactive:
+                    branches[n].model.optimizer.offload_to_cpu()
                 m = {**B.reduce_over_dp(col.metrics), "loss": res.loss, "grad_norm": res.grad_norm, "lr": res.lr,
                      **res.metrics, "time/step": time.perf_counter() - t0}  # fmt: skip
                 metrics.update({f"branch/{n}/{k}": v for k, v in m.items()})

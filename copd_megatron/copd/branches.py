@@ -123,7 +123,8 @@ def collect(cfg: Config, tokenizer, branches: dict[str, Branch], name: str, teac
         scored = rollout(br.engine, tokenizer, _mine(samples, dp_rank, dp), G, params,
                          branches[j].native[0][0].verifier)  # fmt: skip
         t_roll += time.perf_counter() - t1
-        batch, stats = cross_batch(br.model.chunks, branches[j].model.chunks, scored, br.beta, cfg.loss, **kw)
+        batch, stats = cross_batch(br.model.chunks, branches[j].model.chunks, scored, br.beta, cfg.loss,
+                                   opd_loss=cfg.schedule.opd_loss, **kw)  # fmt: skip
         parts.append(batch)
         metrics.update({f"cross/{j}/{k}": v for k, v in {**stats, **_rollout_metrics(scored, "reward")}.items()})
     metrics["time/rollout"] = t_roll

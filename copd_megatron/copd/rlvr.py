@@ -21,7 +21,8 @@ import torch
 from copd_megatron.data.tokenizer import encode_prompt
 from copd_megatron.losses import group_advantages, opd_advantage
 from copd_megatron.rollout.types import RolloutBatch, SamplingParams
-from copd_megatron.training.policy import PolicyBatch, compute_logprobs, response_mask
+from copd_megatron.training.forward import forward_collect
+from copd_megatron.training.policy import PolicyBatch, compute_logprobs, microbatches, response_mask
 
 
 def derived_seed(*parts) -> int:
@@ -66,16 +67,24 @@ def native_batch(chunks, scored: Scored, group_size: int, loss_cfg, *, micro_bat
 
 
 def cross_batch(student_chunks, teacher_chunks, scored: Scored, beta: float, loss_cfg, *, micro_batch_size: int,
-                temperature: float, vocab_size: int) -> tuple[PolicyBatch, dict]:  # fmt: skip
-    """OPD: β·(log π_teacher − log π_student) per sampled token, teacher = the peer's live weights."""
+                temperature: float, vocab_size: int, opd_loss: str = "sampled") -> tuple[PolicyBatch, dict]:  # fmt: skip
+    """OPD: β·(log π_teacher − log π_student) per sampled token, teacher = the peer's live weights.
+
+    With a full-vocabulary ``opd_loss`` (reverse_kl, forward_kl, jsd, topk_kl) the teacher's
+    vocab-parallel logits travel with the batch instead and the loss adds β·D(student ‖ teacher)."""
     tokens, mask = scored.rollouts.tokens, response_mask(scored.rollouts)
     kw = dict(temperature=temperature, vocab_size=vocab_size, chunk_size=loss_cfg.logprob_chunk_size)
     student = compute_logprobs(student_chunks, tokens, mask, micro_batch_size, **kw)
     teacher = compute_logprobs(teacher_chunks, tokens, mask, micro_batch_size, **kw)
-    adv = opd_advantage(teacher, student, beta, mask)
     n = mask.sum().clamp(min=1)
     stats = {"opd_logratio": float(((teacher - student) * mask).sum() / n)}
-    return PolicyBatch(tokens, mask, adv, student), stats
+    if opd_loss == "sampled":
+        return PolicyBatch(tokens, mask, opd_advantage(teacher, student, beta, mask), student), stats
+    logits = forward_collect(teacher_chunks, microbatches(tokens, mask, micro_batch_size),
+                             lambda lg, mb: {"logits": lg.float()}, broadcast=False).get("logits")  # fmt: skip
+    extra = {"teacher_logits": None if logits is None else logits[: tokens.shape[0]],
+             "opd_weight": torch.full((tokens.shape[0],), float(beta))}  # fmt: skip
+    return PolicyBatch(tokens, mask, torch.zeros_like(mask), student, extra), stats
 
 
 def concat(batches: list[PolicyBatch], pad_id: int) -> PolicyBatch:
@@ -90,4 +99,23 @@ def concat(batches: list[PolicyBatch], pad_id: int) -> PolicyBatch:
         torch.cat([pad(b.loss_mask, length - 1, 0.0) for b in batches]),
         torch.cat([pad(b.advantages, length - 1, 0.0) for b in batches]),
         torch.cat([pad(b.old_logprobs, length - 1, 0.0) for b in batches]),
+        _concat_extra(batches, length - 1),
     )
+
+
+def _concat_extra(batches: list[PolicyBatch], width: int) -> dict:
+    """Per-row extras over the whole batch: rows without an entry get zeros (weight 0)."""
+    keys = {k for b in batches for k, v in b.extra.items() if v is not None}
+    out = {}
+    for k in keys:
+        like = next(b.extra[k] for b in batches if b.extra.get(k) is not None)
+        parts = []
+        for b in batches:
+            v = b.extra.get(k)
+            if v is None:
+                v = torch.zeros((len(b), *like.shape[1:]), dtype=like.dtype)
+            if v.dim() >= 2:  # [n, L-1, ...]: pad the sequence dimension
+                v = torch.nn.functional.pad(v, (0, 0) * (v.dim() - 2) + (0, width - v.shape[1]))
+            parts.append(v)
+        out[k] = torch.cat(parts)
+    return out

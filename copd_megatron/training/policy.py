@@ -17,7 +17,7 @@ full PPO form so ``ppo_epochs > 1`` and stale-sampler setups stay correct.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -27,6 +27,8 @@ from copd_megatron.losses import (
     entropy_from_logits,
     policy_loss,
     token_logprobs,
+    topk_kl,
+    vocab_divergence,
 )
 from copd_megatron.model.build import BranchModel
 from copd_megatron.rollout.types import RolloutBatch
@@ -42,6 +44,9 @@ class PolicyBatch:
     loss_mask: torch.Tensor  # [n, L-1] 1 where the target token is a response token
     advantages: torch.Tensor  # [n, L-1] per-token advantage (GRPO: group advantage; OPD: β·δ)
     old_logprobs: torch.Tensor  # [n, L-1] trainer log-probs before this update
+    # Per-row extras with leading dim n, e.g. for full-vocabulary OPD: "teacher_logits"
+    # [n, L-1, V/tp] (last pipeline stage only) and "opd_weight" [n] (β on cross rows, else 0).
+    extra: dict = field(default_factory=dict)
 
     def __len__(self) -> int:
         return self.tokens.shape[0]
@@ -86,8 +91,11 @@ def compute_logprobs(
     return forward_collect(chunks, microbatches(tokens, mask, micro_batch_size), fn)["logprobs"][: tokens.shape[0]]
 
 
-def make_policy_loss(loss: LossConfig, *, temperature: float, vocab_size: int, max_len: int):
-    """The per-micro-batch loss of :func:`train_step` for policy updates."""
+def make_policy_loss(loss: LossConfig, *, temperature: float, vocab_size: int, max_len: int, opd: tuple = ("sampled",)):
+    """The per-micro-batch loss of :func:`train_step` for policy updates.
+
+    ``opd`` = (kind, jsd_beta, topk): with a full-vocabulary kind, rows that carry
+    ``teacher_logits`` add β·divergence(student ‖ teacher) per token to the surrogate."""
     from megatron.core import parallel_state as ps
 
     tp_group = ps.get_tensor_model_parallel_group()
@@ -100,6 +108,8 @@ def make_policy_loss(loss: LossConfig, *, temperature: float, vocab_size: int, m
             logp, mb.extra["old_logprobs"], mb.extra["advantages"], mask, eps_low=loss.eps_low, eps_high=loss.eps_high,
             ref_logprobs=mb.extra.get("ref_logprobs"), ref_kl_coef=loss.ref_kl_coef, ref_kl_estimator=loss.ref_kl_estimator,
         )  # fmt: skip
+        if "teacher_logits" in mb.extra:
+            per_token = per_token + _divergence(logits, mb, opd, tp_group, vocab_size, temperature) * mask
         loss_sum, count = aggregate(per_token, mask, loss.aggregation, max_len)
         with torch.no_grad():
             ent = entropy_from_logits(logits, tp_group=tp_group, vocab_size=vocab_size, temperature=temperature)
@@ -114,12 +124,25 @@ def make_policy_loss(loss: LossConfig, *, temperature: float, vocab_size: int, m
     return loss_fn
 
 
+def _divergence(logits, mb: MicroBatch, opd: tuple, tp_group, vocab_size: int, temperature: float) -> torch.Tensor:
+    """β_row · D(student ‖ teacher) per token over vocab-parallel logits (0 on native rows)."""
+    kind, jsd_beta, topk = opd
+    teacher = mb.extra["teacher_logits"]
+    kw = dict(tp_group=tp_group, vocab_size=vocab_size, temperature=temperature)
+    if kind == "topk_kl":
+        div = topk_kl(logits, teacher, topk, **kw)
+    else:
+        div = vocab_divergence(logits, teacher, kind, beta=jsd_beta, **kw)
+    return mb.extra["opd_weight"].reshape(-1, 1) * div
+
+
 def policy_update(
     branch: BranchModel, batch: PolicyBatch, loss: LossConfig, *, micro_batch_size: int, temperature: float,
-    vocab_size: int, max_len: int, step_index: int = -1,
+    vocab_size: int, max_len: int, step_index: int = -1, opd: tuple = ("sampled",),
 ) -> StepResult:  # fmt: skip
     """One optimizer step of the clipped surrogate on ``batch``."""
+    extra = {k: v for k, v in batch.extra.items() if v is not None}
     mbs = microbatches(batch.tokens, batch.loss_mask, micro_batch_size,
-                       advantages=batch.advantages, old_logprobs=batch.old_logprobs)  # fmt: skip
-    loss_fn = make_policy_loss(loss, temperature=temperature, vocab_size=vocab_size, max_len=max_len)
+                       advantages=batch.advantages, old_logprobs=batch.old_logprobs, **extra)  # fmt: skip
+    loss_fn = make_policy_loss(loss, temperature=temperature, vocab_size=vocab_size, max_len=max_len, opd=opd)
     return train_step(branch, mbs, loss_fn, with_labels=False, step_index=step_index)

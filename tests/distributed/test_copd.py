@@ -148,3 +148,25 @@ def test_cli_run_produces_merged_checkpoint_eval_table_and_metrics(base, tmp_pat
     assert {"base", "count", "sort", "merged"} <= set(table)
     assert all(0.0 <= table[m][d]["pass@1"] <= 1.0 for m in table for d in ("count", "sort"))
     assert len(_metrics(run_dir)) == 2 and "| merged |" in out.stdout
+
+
+def _variants(base: str, root: str) -> dict:
+    out = {}
+    for kind in ("sampled", "reverse_kl", "jsd", "topk_kl"):
+        from megatron.core import parallel_state as ps
+
+        if ps.model_parallel_is_initialized():
+            ps.destroy_model_parallel()
+        run_dir = Path(root) / kind
+        _run(_config(Path(base), run_dir, f"schedule.opd_loss={kind}", "optimizer.lr=1e-3"))
+        out[kind] = _metrics(run_dir)[-1]
+    return out
+
+
+def test_full_vocabulary_opd_options_change_the_phase_two_loss(base, tmp_path):
+    rows = run_distributed(_variants, 1, args=(str(base), str(tmp_path)), timeout=400)[0]
+    sampled = rows.pop("sampled")["branch/count/loss"]
+    for kind, row in rows.items():
+        loss = row["branch/count/loss"]
+        assert loss == loss and abs(loss) < 10, kind  # finite
+        assert loss != sampled, f"{kind}: the divergence term must reach the loss"
