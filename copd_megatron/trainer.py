@@ -145,14 +145,17 @@ def run_recipe(cfg: Config, layout: Layout) -> dict:
             for n, col in batches.items():
                 if cfg.optimizer.offload_inactive:  # only the updating branch's optimizer state on device
                     branches[n].model.optimizer.restore_from_cpu()
+                t_train = time.perf_counter()
                 res = policy_update(branches[n].model, col.batch, cfg.loss, micro_batch_size=cfg.parallel.micro_batch_size,
                                     temperature=cfg.rollout.temperature, vocab_size=cfg.model.vocab_size,
                                     max_len=cfg.rollout.max_new_tokens, step_index=counter + 1,
                                     opd=(cfg.schedule.opd_loss, cfg.schedule.jsd_beta, cfg.schedule.opd_topk))  # fmt: skip
                 if cfg.optimizer.offload_inactive:
                     branches[n].model.optimizer.offload_to_cpu()
+                t_train = time.perf_counter() - t_train
                 m = {**B.reduce_over_dp(col.metrics), "loss": res.loss, "grad_norm": res.grad_norm, "lr": res.lr,
-                     **res.metrics, "time/step": time.perf_counter() - t0}  # fmt: skip
+                     **res.metrics, "time/train": t_train, "train_tokens_per_s": res.num_tokens / max(t_train, 1e-9),
+                     "time/step": time.perf_counter() - t0}  # fmt: skip
                 metrics.update({f"branch/{n}/{k}": v for k, v in m.items()})
             counter += 1
             done += 1

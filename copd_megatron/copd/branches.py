@@ -147,6 +147,8 @@ def _rollout_metrics(scored: Scored, prefix: str) -> dict[str, float]:
     lens = scored.rollouts.response_lens.float()
     return {
         f"{prefix}/reward": float(scored.rewards.mean()) if scored.rewards.numel() else 0.0,
+        # pass@1 of the sampled completions (reward 1 = verified correct)
+        f"{prefix}/pass@1": float((scored.rewards >= 1.0).float().mean()) if scored.rewards.numel() else 0.0,
         f"{prefix}/response_len": float(lens.mean()) if lens.numel() else 0.0,
         f"{prefix}/rollout_tokens_per_s": float(scored.rollouts.meta.get("tokens_per_s", 0.0)),
     }

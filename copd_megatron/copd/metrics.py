@@ -11,7 +11,7 @@ import torch
 
 from copd_megatron.losses import symmetric_kl, topk_overlap
 from copd_megatron.training.forward import forward_collect
-from copd_megatron.training.policy import microbatches
+from copd_megatron.training.policy import microbatches, pad_to
 
 
 def pair_behaviour(student_chunks, teacher_chunks, tokens: torch.Tensor, mask: torch.Tensor, *, k: int,
@@ -21,12 +21,14 @@ def pair_behaviour(student_chunks, teacher_chunks, tokens: torch.Tensor, mask: t
 
     tp = ps.get_tensor_model_parallel_group()
     mbs = microbatches(tokens, mask, micro_batch_size)
-    teacher = forward_collect(teacher_chunks, mbs, lambda logits, mb: {"logits": logits.float()}, broadcast=False)
+    width = tokens.shape[1] - 1
+    teacher = forward_collect(teacher_chunks, mbs, lambda logits, mb: {"logits": pad_to(logits.float(), width)},
+                              broadcast=False)  # fmt: skip
     offsets = iter(range(0, len(mbs) * micro_batch_size, micro_batch_size))
 
     def compare(logits, mb):
         i = next(offsets)
-        t = teacher["logits"][i : i + logits.shape[0]]
+        t = teacher["logits"][i : i + logits.shape[0], : logits.shape[1]]
         ov, _ = topk_overlap(logits, t, mb.loss_mask, k, tp_group=tp, vocab_size=vocab_size)
         kl, _ = symmetric_kl(logits, t, mb.loss_mask, tp_group=tp, vocab_size=vocab_size)
         m = mb.loss_mask

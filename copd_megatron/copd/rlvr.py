@@ -22,7 +22,7 @@ from copd_megatron.data.tokenizer import encode_prompt
 from copd_megatron.losses import group_advantages, opd_advantage
 from copd_megatron.rollout.types import RolloutBatch, SamplingParams
 from copd_megatron.training.forward import forward_collect
-from copd_megatron.training.policy import PolicyBatch, compute_logprobs, microbatches, response_mask
+from copd_megatron.training.policy import PolicyBatch, compute_logprobs, microbatches, pad_to, response_mask
 
 
 def derived_seed(*parts) -> int:
@@ -80,8 +80,9 @@ def cross_batch(student_chunks, teacher_chunks, scored: Scored, beta: float, los
     stats = {"opd_logratio": float(((teacher - student) * mask).sum() / n)}
     if opd_loss == "sampled":
         return PolicyBatch(tokens, mask, opd_advantage(teacher, student, beta, mask), student), stats
+    width = tokens.shape[1] - 1
     logits = forward_collect(teacher_chunks, microbatches(tokens, mask, micro_batch_size),
-                             lambda lg, mb: {"logits": lg.float()}, broadcast=False).get("logits")  # fmt: skip
+                             lambda lg, mb: {"logits": pad_to(lg.float(), width)}, broadcast=False).get("logits")  # fmt: skip
     extra = {"teacher_logits": None if logits is None else logits[: tokens.shape[0]],
              "opd_weight": torch.full((tokens.shape[0],), float(beta))}  # fmt: skip
     return PolicyBatch(tokens, mask, torch.zeros_like(mask), student, extra), stats

@@ -65,13 +65,34 @@ def microbatches(tokens: torch.Tensor, mask: torch.Tensor, size: int, **per_toke
         tokens = torch.cat([tokens, tokens[:1].expand(pad, -1)])
         mask = torch.cat([mask, torch.zeros(pad, mask.shape[1], dtype=mask.dtype)])
         per_token = {k: torch.cat([v, v[:1].expand(pad, *v.shape[1:])]) for k, v in per_token.items()}
+    # Padding-aware: without pipeline stages (fixed activation shapes), each micro-batch is cut
+    # to its own longest sequence, so short responses do not pay for the longest one.
+    trim = _pipeline_size() == 1
     out = []
     for i in range(0, tokens.shape[0], size):
-        mb = MicroBatch.from_tokens(tokens[i : i + size])
-        mb.loss_mask = mask[i : i + size].float()
-        mb.extra = {k: v[i : i + size] for k, v in per_token.items()}
+        m = mask[i : i + size]
+        used = mask.shape[1]
+        if trim:
+            nz = m.sum(0).nonzero()
+            used = int(nz[-1]) + 1 if nz.numel() else 1
+        mb = MicroBatch.from_tokens(tokens[i : i + size, : used + 1])
+        mb.loss_mask = m[:, :used].float()
+        mb.extra = {k: (v[i : i + size, :used] if v.dim() >= 2 else v[i : i + size]) for k, v in per_token.items()}
         out.append(mb)
     return out
+
+
+def pad_to(t: torch.Tensor, width: int) -> torch.Tensor:
+    """Right-pad dim 1 of a trimmed micro-batch result back to the batch's full width."""
+    pad = [0, 0] * (t.dim() - 2) + [0, width - t.shape[1]]
+    return torch.nn.functional.pad(t, pad)
+
+
+def _pipeline_size() -> int:
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    return ps.get_pipeline_model_parallel_world_size() if dist.is_initialized() and ps.model_parallel_is_initialized() else 1
 
 
 def compute_logprobs(
@@ -83,10 +104,12 @@ def compute_logprobs(
 
     tp_group = ps.get_tensor_model_parallel_group()
 
+    width = tokens.shape[1] - 1
+
     def fn(logits, mb):
         lp = token_logprobs(logits, mb.labels, tp_group=tp_group, vocab_size=vocab_size, temperature=temperature,
                             chunk_size=chunk_size or None)  # fmt: skip
-        return {"logprobs": lp.float()}
+        return {"logprobs": pad_to(lp.float(), width)}
 
     return forward_collect(chunks, microbatches(tokens, mask, micro_batch_size), fn)["logprobs"][: tokens.shape[0]]
 
