@@ -44,7 +44,9 @@ def scaled_masked(
     logits: torch.Tensor, *, tp_group, vocab_size: int | None, temperature: float, fill: float = NEG_INF
 ) -> torch.Tensor:
     """fp32 ``logits / T`` with padded vocabulary entries set to ``fill`` (a new tensor)."""
-    x = logits.float() / temperature
+    x = logits.to(torch.float32, copy=True)  # one fp32 buffer per chunk, never an alias of the input
+    if temperature != 1.0:
+        x.div_(temperature)
     v_local = x.shape[-1]
     _, rank = tp_size_rank(tp_group)
     if vocab_size is not None and (rank + 1) * v_local > vocab_size:
@@ -86,13 +88,16 @@ class _TokenLogprobs(torch.autograd.Function):
         own, local = _owned(y, z.shape[-1], rank)
         out = torch.empty(y.shape[0], dtype=torch.float32, device=z.device)
         m, log_s = torch.empty_like(out), torch.empty_like(out)
+        single = tp_size_rank(tp_group)[0] == 1
         for a, b in _chunks(y.shape[0], chunk_size):
             x = scaled_masked(z[a:b], tp_group=tp_group, vocab_size=vocab_size, temperature=temperature)
+            if single:  # one shard: torch's fused log-softmax, same numerics ((x − m) − log s)
+                out[a:b] = torch.log_softmax(x, -1).gather(-1, y[a:b, None]).squeeze(-1)
+                continue
             m[a:b], log_s[a:b] = max_and_logsum(x, tp_group)
             shifted = x.gather(-1, local[a:b, None]).squeeze(-1) - m[a:b]
             picked = torch.where(own[a:b], shifted, torch.zeros(()))
-            out[a:b] = _all_reduce(picked, dist.ReduceOp.SUM, tp_group)  # the owner rank contributes x_y − m
-        out -= log_s
+            out[a:b] = _all_reduce(picked, dist.ReduceOp.SUM, tp_group) - log_s[a:b]  # owner contributes x_y − m
         ctx.save_for_backward(logits, own, local, m, log_s)
         ctx.cfg = (tp_group, vocab_size, temperature, chunk_size, shape)
         return out.view(shape)
@@ -104,12 +109,18 @@ class _TokenLogprobs(torch.autograd.Function):
         z = logits.reshape(-1, logits.shape[-1])
         g = grad_out.reshape(-1).float()
         grad = torch.empty(z.shape, dtype=logits.dtype, device=z.device)
+        single = tp_size_rank(tp_group)[0] == 1
         for a, b in _chunks(z.shape[0], chunk_size):
             x = scaled_masked(z[a:b], tp_group=tp_group, vocab_size=vocab_size, temperature=temperature)
-            d = -torch.exp((x - m[a:b, None]) - log_s[a:b, None])  # −p_j
+            if single:
+                p = torch.softmax(x, -1)  # fused; recomputed per chunk instead of stored
+            else:
+                p = x.sub_(m[a:b, None]).sub_(log_s[a:b, None]).exp_()  # in place: one fp32 chunk buffer
+            scale = g[a:b] / temperature
+            p.mul_(-scale[:, None])  # −p_j · g / T
             rows = torch.arange(b - a)[own[a:b]]
-            d[rows, local[a:b][own[a:b]]] += 1.0  # + 1[j = y] on the owning shard
-            grad[a:b] = (d * (g[a:b, None] / temperature)).to(logits.dtype)
+            p[rows, local[a:b][own[a:b]]] += scale[own[a:b]]  # + 1[j = y] · g / T on the owning shard
+            grad[a:b] = p.to(logits.dtype)
         return grad.view(logits.shape), None, None, None, None, None
 
 

@@ -1,34 +1,43 @@
 """Synthetic verifiable task families, generated from a seed: the demo's "capabilities".
 
-Each family makes short prompts a ~1M-parameter model can learn on a CPU, with a difficulty
-knob (1 = easy … 5 = hard), and registers an exact-answer verifier ``synthetic_<family>``:
+Each family makes short prompts that a ~1M-parameter model trained from scratch on a CPU
+can learn, with a difficulty knob (1 = easy … 5 = hard), and registers an exact-answer
+verifier ``synthetic_<family>``:
 
-    arithmetic  "Q: 47+8=\nA:" → "55"      operands grow with difficulty; + and − (and × from 4)
-    reverse     "Q: reverse cabd\nA:" → "dbac"  word length 2 + difficulty
-    count       "Q: count b in abbcb\nA:" → "3"  string length 3 + difficulty
-    sort        "Q: sort dbca\nA:" → "abcd"     word length 2 + difficulty
+    family      prompt                          answer  difficulty
+    arithmetic  "Q: 47+8=\\nA:"                  "55"    operand digits (a: 1,2,3,3,4; b: 1,2,2,2,3);
+                                                        + from 1, − from 2, × from 4
+    reverse     "Q: reverse cabd\\nA:"            "dbac"  word length 2 + difficulty
+    count       "Q: count b in abbcb\\nA:"        "3"     string length 3 + difficulty
+    sort        "Q: sort dbca\\nA:"               "abcd"  word length 2 + difficulty
 
-The policy's answer is the completion up to its first newline (or end), stripped.
+Words use the letters a-h only, so the vocabulary stays tiny. The policy's answer is its
+completion up to the first newline (the rollout stop string), stripped of spaces; it must
+equal the reference exactly. Generation is deterministic in (family, difficulty, seed):
+the same call gives the same samples on every rank and in every run.
 """
 
 from __future__ import annotations
 
 import random
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
-from copd_megatron.data.prompts import PromptSample
+from copd_megatron.config.schema import ConfigError
+from copd_megatron.data.prompts import PromptSample, write_jsonl  # noqa: F401 - re-exported
 from copd_megatron.rewards.registry import register_verifier
 
 LETTERS = "abcdefgh"
-FAMILIES = ("arithmetic", "reverse", "count", "sort")
+MIN_DIFFICULTY, MAX_DIFFICULTY = 1, 5
 
 
 def _arithmetic(rng: random.Random, d: int) -> tuple[str, str]:
-    hi = 10 ** min(d, 3) if d > 1 else 10
-    a, b = rng.randrange(hi), rng.randrange(hi if d < 3 else 100)
-    ops = "+-*" if d >= 4 else "+-" if d >= 2 else "+"
-    op = rng.choice(ops)
+    # Difficulty 1-4 reproduce the original generator exactly (bases built with it stay valid).
+    hi_a, hi_b = (10, 100, 1000, 1000, 10_000)[d - 1], (10, 100, 100, 100, 1000)[d - 1]
+    a, b = rng.randrange(hi_a), rng.randrange(hi_b)
+    op = rng.choice("+-*" if d >= 4 else "+-" if d >= 2 else "+")
     if op == "-" and b > a:
-        a, b = b, a
+        a, b = b, a  # non-negative results: one less thing for a tiny model to learn
     value = {"+": a + b, "-": a - b, "*": a * b}[op]
     return f"Q: {a}{op}{b}=\nA:", str(value)
 
@@ -44,7 +53,7 @@ def _reverse(rng: random.Random, d: int) -> tuple[str, str]:
 
 def _count(rng: random.Random, d: int) -> tuple[str, str]:
     w = _word(rng, 3 + d)
-    c = rng.choice(w)
+    c = rng.choice(w)  # a letter that occurs: the answer is >= 1 and depends on the string
     return f"Q: count {c} in {w}\nA:", str(w.count(c))
 
 
@@ -53,35 +62,104 @@ def _sort(rng: random.Random, d: int) -> tuple[str, str]:
     return f"Q: sort {w}\nA:", "".join(sorted(w))
 
 
-_MAKERS = {"arithmetic": _arithmetic, "reverse": _reverse, "count": _count, "sort": _sort}
+@dataclass(frozen=True)
+class TaskFamily:
+    """One synthetic family: how to make a (prompt, answer) pair at a difficulty."""
+
+    name: str  # also the samples' domain and the verifier's suffix (synthetic_<name>)
+    make: Callable[[random.Random, int], tuple[str, str]]  # (rng, difficulty) -> (prompt, answer)
+
+    def generate(self, rng_or_seed: random.Random | int, n: int, difficulty: int = 2) -> list[PromptSample]:
+        """``n`` samples; an int seed gives the same samples as the module-level :func:`generate`."""
+        check_difficulty(difficulty)
+        rng = rng_or_seed if isinstance(rng_or_seed, random.Random) else _rng(self.name, difficulty, rng_or_seed)
+        out = []
+        for i in range(n):
+            prompt, answer = self.make(rng, difficulty)
+            out.append(PromptSample(prompt, answer, self.name, {"difficulty": difficulty}, i))
+        return out
+
+    @property
+    def verifier_name(self) -> str:
+        return f"synthetic_{self.name}"
+
+
+FAMILIES: dict[str, TaskFamily] = {
+    f.name: f
+    for f in (
+        TaskFamily("arithmetic", _arithmetic),
+        TaskFamily("reverse", _reverse),
+        TaskFamily("count", _count),
+        TaskFamily("sort", _sort),
+    )
+}
+
+
+def _rng(family: str, difficulty: int, seed: int) -> random.Random:
+    # A string seed is hashed with SHA-512 by `random`: stable across processes and Python runs.
+    return random.Random(f"{family}/{difficulty}/{seed}")
+
+
+def check_difficulty(difficulty: int) -> None:
+    if not isinstance(difficulty, int) or not MIN_DIFFICULTY <= difficulty <= MAX_DIFFICULTY:
+        raise ConfigError(f"synthetic difficulty: {difficulty!r}; expected an integer in "
+                          f"{MIN_DIFFICULTY}..{MAX_DIFFICULTY}")  # fmt: skip
+
+
+def get_family(name: str) -> TaskFamily:
+    if name not in FAMILIES:
+        raise ConfigError(f"synthetic family {name!r} is unknown; expected one of {list(FAMILIES)}")
+    return FAMILIES[name]
 
 
 def generate(family: str, n: int, difficulty: int = 2, seed: int = 0) -> list[PromptSample]:
-    """``n`` samples of ``family`` (deterministic in ``seed``)."""
-    if family not in _MAKERS:
-        raise ValueError(f"unknown synthetic family {family!r}; expected one of {list(_MAKERS)}")
-    if not 1 <= difficulty <= 5:
-        raise ValueError(f"difficulty must be in 1..5, got {difficulty}")
-    rng = random.Random(f"{family}/{difficulty}/{seed}")
-    out = []
-    for i in range(n):
-        prompt, answer = _MAKERS[family](rng, difficulty)
-        out.append(PromptSample(prompt, answer, family, {"difficulty": difficulty}, i))
+    """``n`` samples of ``family`` (deterministic in ``seed``; duplicates possible)."""
+    return get_family(family).generate(seed, n, difficulty)
+
+
+def make_synthetic_split(family: str, n: int, difficulty: int, seed: int,
+                         exclude: Iterable[str] = ()) -> list[PromptSample]:  # fmt: skip
+    """``n`` *distinct* samples whose prompts are not in ``exclude`` (e.g. a training set's):
+    a held-out evaluation set. Raises if the family has too few distinct prompts."""
+    fam, banned = get_family(family), set(exclude)
+    check_difficulty(difficulty)
+    rng = random.Random(f"{family}/{difficulty}/{seed}/split")  # its own stream, apart from generate()
+    out: list[PromptSample] = []
+    for _ in range(50 * n + 1000):  # bounded: small spaces (1-digit sums) run out
+        if len(out) == n:
+            break
+        prompt, answer = fam.make(rng, difficulty)
+        if prompt not in banned:
+            banned.add(prompt)
+            out.append(PromptSample(prompt, answer, family, {"difficulty": difficulty}, len(out)))
+    if len(out) < n:
+        raise ConfigError(f"synthetic split {family} at difficulty {difficulty}: found only {len(out)} distinct "
+                          f"held-out prompts of the {n} asked; ask for fewer or raise the difficulty")  # fmt: skip
     return out
 
 
 def sft_text(sample: PromptSample) -> tuple[str, str]:
-    """(prompt, target) for supervised training: the target is " answer" then a newline."""
+    """(prompt, target) for supervised training: the target is " answer" then a newline.
+
+    The loss falls on the target only; the tokenizer's EOS follows it (``training/sft.py``)."""
     return sample.prompt, f" {sample.answer}\n"
 
 
+def sft_document(sample: PromptSample) -> str:
+    """Prompt + correct answer + end marker (newline) as one string, e.g. tokenizer corpora."""
+    prompt, target = sft_text(sample)
+    return prompt + target
+
+
 def extract(completion: str) -> str:
+    """The policy's answer: the completion up to its first newline, stripped."""
     return completion.split("\n", 1)[0].strip()
 
 
-def _exact(completion: str, sample) -> float:
+def exact_answer(completion: str, sample: PromptSample) -> float:
+    """1.0 if the first line of the completion is exactly the reference answer."""
     return 1.0 if extract(completion) == sample.answer else 0.0
 
 
-for _family in FAMILIES:
-    register_verifier(f"synthetic_{_family}")(_exact)
+for _family in FAMILIES.values():
+    register_verifier(_family.verifier_name)(exact_answer)
