@@ -170,3 +170,14 @@ def test_full_vocabulary_opd_options_change_the_phase_two_loss(base, tmp_path):
         loss = row["branch/count/loss"]
         assert loss == loss and abs(loss) < 10, kind  # finite
         assert loss != sampled, f"{kind}: the divergence term must reach the loss"
+
+
+def test_adaptive_rhythm_ends_phases_on_the_measured_overlap(base, tmp_path):
+    """Floor 1.0: Phase I ends after one step (overlap < 1); ceiling 0: Phase II after one step."""
+    run_dir = tmp_path / "adaptive"
+    cfg = _config(base, run_dir, "schedule.s_rl=3", "schedule.s_opd=3", "schedule.adaptive=true",
+                  "schedule.overlap_floor=1.01", "schedule.overlap_ceiling=0.0", "optimizer.lr=1e-3")  # fmt: skip
+    run_distributed(_run, 1, args=(cfg,), timeout=300)
+    rows = _metrics(run_dir)
+    assert [r["phase_opd"] for r in rows] == [0.0, 1.0]  # 2 steps instead of 6
+    assert all("pair/count->sort/overlap" in r for r in rows)  # measured after every step
