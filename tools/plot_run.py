@@ -25,6 +25,19 @@ def _shade_opd(ax, rows: list[dict]) -> None:
             start = None
 
 
+def _line_plot(plt, rows: list[dict], keys: list[str], part: int, ylabel: str, title: str, path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    for key in keys:
+        pts = [(r["step"], r[key]) for r in rows if key in r]
+        ax.plot(*zip(*pts), label=key.split("/")[part], marker=".")
+    _shade_opd(ax, rows)
+    ax.set(xlabel="step", ylabel=ylabel, title=f"{title} (shaded: Phase II)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return path
+
+
 def plot(run_dir: Path, out: Path) -> list[Path]:
     import matplotlib
 
@@ -33,30 +46,12 @@ def plot(run_dir: Path, out: Path) -> list[Path]:
 
     rows = load(run_dir)
     out.mkdir(parents=True, exist_ok=True)
-    written = []
-    series = sorted({k for r in rows for k in r if k.startswith("branch/") and k.endswith("/native/reward")})
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    for key in series:
-        pts = [(r["step"], r[key]) for r in rows if key in r]
-        ax.plot(*zip(*pts), label=key.split("/")[1], marker=".")
-    _shade_opd(ax, rows)
-    ax.set(xlabel="step", ylabel="reward (own domain, sampled)", title="Reward per branch (shaded: Phase II)")
-    ax.legend()
-    fig.tight_layout()
-    written.append(out / "reward.png")
-    fig.savefig(written[-1], dpi=120)
-    pairs = sorted({k for r in rows for k in r if k.startswith("pair/") and k.endswith("/overlap")})
-    if pairs:
-        fig, ax = plt.subplots(figsize=(7, 3.5))
-        for key in pairs:
-            pts = [(r["step"], r[key]) for r in rows if key in r]
-            ax.plot(*zip(*pts), label=key.split("/")[1], marker="o")
-        _shade_opd(ax, rows)
-        ax.set(xlabel="step", ylabel="top-10 overlap", title="Top-k overlap between branches (shaded: Phase II)")
-        ax.legend()
-        fig.tight_layout()
-        written.append(out / "overlap.png")
-        fig.savefig(written[-1], dpi=120)
+    keys = lambda prefix, suffix: sorted({k for r in rows for k in r if k.startswith(prefix) and k.endswith(suffix)})  # noqa: E731
+    written = [_line_plot(plt, rows, keys("branch/", "/native/reward"), 1, "reward (own domain, sampled)",
+                          "Reward per branch", out / "reward.png")]  # fmt: skip
+    if keys("pair/", "/overlap"):
+        written.append(_line_plot(plt, rows, keys("pair/", "/overlap"), 1, "top-10 overlap",
+                                  "Top-k overlap between branches", out / "overlap.png"))  # fmt: skip
     plt.close("all")
     return written
 
