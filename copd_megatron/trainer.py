@@ -130,8 +130,7 @@ def run_recipe(cfg: Config, layout: Layout) -> dict:
     for si, stage in enumerate(plan_stages):
         if si < state["stage"]:
             continue
-        if stage.native_fraction is not None:
-            cfg.schedule.native_fraction = stage.native_fraction
+        native_fraction = cfg.schedule.native_fraction if stage.native_fraction is None else stage.native_fraction
         plans = list(stage.rhythm) if not cfg.schedule.adaptive else stage.rhythm
         for plan in plans:
             if si == state["stage"] and plan.global_step < state.get("step", 0):
@@ -139,8 +138,8 @@ def run_recipe(cfg: Config, layout: Layout) -> dict:
             t0 = time.perf_counter()
             # Every branch reads its peers' weights BEFORE any branch updates: live teachers,
             # never from the future (paper §4, synchronous co-evolution).
-            batches = {n: B.collect(cfg, tok, branches, n, plan.teachers[n], plan.global_step, dp_rank, dp)
-                       for n in stage.trainable}  # fmt: skip
+            batches = {n: B.collect(cfg, tok, branches, n, plan.teachers[n], plan.global_step, dp_rank, dp,
+                                    native_fraction) for n in stage.trainable}  # fmt: skip
             metrics = {"stage": si, "cycle": plan.cycle, "phase_opd": float(plan.phase == "opd")}
             for n, col in batches.items():
                 if cfg.optimizer.offload_inactive:  # only the updating branch's optimizer state on device

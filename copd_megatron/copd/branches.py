@@ -97,11 +97,12 @@ class Collected:
 
 
 def collect(cfg: Config, tokenizer, branches: dict[str, Branch], name: str, teachers: tuple[str, ...], step: int,
-            dp_rank: int, dp: int) -> Collected:  # fmt: skip
+            dp_rank: int, dp: int, native_fraction: float | None = None) -> Collected:  # fmt: skip
     """Rollouts, rewards, old and teacher log-probs for ``name``'s update at ``step`` (no update)."""
     br = branches[name]
     G, P = cfg.rollout.group_size, cfg.rollout.prompts_per_step
-    n_native = P if not teachers else round(cfg.schedule.native_fraction * P)
+    frac = cfg.schedule.native_fraction if native_fraction is None else native_fraction
+    n_native = P if not teachers else round(frac * P)
     kw = dict(micro_batch_size=cfg.parallel.micro_batch_size, temperature=cfg.rollout.temperature,
               vocab_size=cfg.model.vocab_size)  # fmt: skip
     t0 = time.perf_counter()
