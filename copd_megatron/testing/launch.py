@@ -1,4 +1,5 @@
-"""Run a function on N spawned processes joined in one gloo process group, with a hard timeout.
+"""Run a function on N spawned processes joined in one process group (gloo on CPU, NCCL on
+GPU), with a hard timeout.
 
 Every multi-process test goes through :func:`run_distributed`, so a deadlock (a collective
 that one rank never reaches) fails the test after ``timeout`` seconds instead of freezing CI.
@@ -64,8 +65,12 @@ def _child(fn, rank, world_size, port, args, kwargs, extra_env, result_q, pg_tim
             from copd_megatron.distributed import cpu_compat
 
             cpu_compat.activate()
+        backend = "gloo"
+        if torch.cuda.is_available():  # the GPU path: one device per rank, NCCL collectives
+            torch.cuda.set_device(rank % torch.cuda.device_count())
+            backend = "nccl"
         dist.init_process_group(
-            "gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=pg_timeout_s)
+            backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=pg_timeout_s)
         )
         out = fn(*args, **kwargs)
         result_q.put((rank, "ok", pickle.dumps(out)))
