@@ -15,10 +15,17 @@ $(STAMP): setup.py
 	$(PY) -m pip install --quiet -e ".[test,plots]"
 	touch $(STAMP)
 
-# Until the CoPD demo lands (issue 5) this runs the smallest end-to-end job there is:
-# a tiny Llama-style Megatron GPTModel trained for a few steps at TP=2 over 2 CPU processes.
+# The CPU demo: make the tiny base (tokenizer + SFT), run 2-branch CoPD, merge, evaluate, plot.
+DEMO_BASE := runs/demo/base
 demo: $(STAMP)
-	$(VENV)/bin/torchrun --nproc-per-node 2 -m copd_megatron.cli train configs/smoke_cpu.yaml parallel.tp=2
+	test -f $(DEMO_BASE)/base.json || $(PY) tools/make_base.py --out $(DEMO_BASE) --families count sort \
+		--difficulty 4 --steps 400 --model model.num_layers=4 model.hidden_size=128 model.ffn_hidden_size=352
+	$(PY) -m copd_megatron.cli configs/demo_cpu.yaml
+	$(PY) tools/plot_run.py runs/demo/copd --out runs/demo/copd/plots
+
+# The smallest end-to-end job: a tiny GPTModel trained as a language model at TP=2 on 2 processes.
+smoke: $(STAMP)
+	$(VENV)/bin/torchrun --nproc-per-node 2 -m copd_megatron.cli configs/smoke_cpu.yaml parallel.tp=2
 
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow and not gpu" tests
