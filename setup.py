@@ -25,12 +25,14 @@ setup(
         "rollout": ["vllm"],
         "test": ["pytest", "pytest-timeout"],
         "plots": ["matplotlib"],
+        "hf": ["transformers", "safetensors"],
     },
     entry_points={
         "console_scripts": [
             "copd-train=copd_megatron.cli:train_main",
             "copd-merge=copd_megatron.checkpoint.merge_cli:main",
             "copd-eval=copd_megatron.eval_cli:main",
+            "copd-convert=copd_megatron.checkpoint.convert:main",
         ],
     },
 )
