@@ -75,7 +75,12 @@ def check_shapes(sharded_state_dict: dict, ckpt_dir: str | Path) -> None:
         for v in items:
             if isinstance(v, (dict, list)):
                 stack.append(v)
-            elif isinstance(v, ShardedTensor) and v.key in saved:
+            elif isinstance(v, ShardedTensor) and v.key not in saved:
+                raise ConfigError(
+                    f"{ckpt_dir}: tensor {v.key!r} is not in the checkpoint (another architecture, or a checkpoint "
+                    "of the other layer spec: set model.transformer_impl to the one it was saved with)"
+                )
+            elif isinstance(v, ShardedTensor):
                 if tuple(saved[v.key].global_shape) != tuple(v.global_shape):
                     raise ConfigError(
                         f"{ckpt_dir}: tensor {v.key!r} has shape {tuple(saved[v.key].global_shape)} in the checkpoint "
