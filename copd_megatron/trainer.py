@@ -163,7 +163,9 @@ def run_recipe(cfg: Config, layout: Layout) -> dict:
                 metrics.update(behaviour)
                 if cfg.schedule.adaptive and behaviour:
                     stage.rhythm.observe_overlap(min(v for k, v in behaviour.items() if k.endswith("/overlap")))
-            if cfg.eval.every and counter % cfg.eval.every == 0:
+            cycle_ends = _phase_ends(stage, plan) and (plan.phase == "opd" or stage.rhythm.s_opd == 0)
+            if (cfg.eval.every and counter % cfg.eval.every == 0) or (not cfg.eval.every and cycle_ends):
+                # Every branch on every domain's held-out prompts, not only its own.
                 metrics.update(_flat_eval(eval_table(cfg, tok, {n: b.engine for n, b in branches.items()}, sources)))
             writer.write(counter, metrics)
             _log_step(stage, plan, metrics, done, remaining, time.perf_counter() - t_start)
@@ -196,9 +198,8 @@ def _phase_ends(stage, plan) -> bool:
 
 def _behaviour(cfg: Config, branches: dict, stage, plan, dp_rank: int, dp: int, tok) -> dict[str, float]:
     """Top-k overlap and symmetric KL of every pair of data branches, each on the student's own
-    rollouts of held-out prompts of its domain (paper Fig. 5); evaluation at the end of a cycle."""
+    rollouts of held-out prompts of its domain (paper Fig. 5)."""
     from copd_megatron.copd.branches import sampling
-    from copd_megatron.copd.build import eval_table
     from copd_megatron.copd.metrics import pair_behaviour
     from copd_megatron.copd.rlvr import derived_seed, rollout
     from copd_megatron.copd.topology import edges_for
@@ -215,9 +216,6 @@ def _behaviour(cfg: Config, branches: dict, stage, plan, dp_rank: int, dp: int, 
                                scored.rollouts.response_mask[:, 1:], k=cfg.schedule.overlap_k,
                                vocab_size=cfg.model.vocab_size, micro_batch_size=cfg.parallel.micro_batch_size)  # fmt: skip
             out.update({f"pair/{s}->{t}/{k}": v for k, v in m.items()})
-    if cfg.eval.every == 0 and (plan.phase == "opd" or stage.rhythm.s_opd == 0):
-        out.update(_flat_eval(eval_table(cfg, tok, {n: br.engine for n, br in branches.items()},
-                                         [br.native[0][0] for br in branches.values() if len(br.native) == 1])))  # fmt: skip
     return out
 
 

@@ -33,14 +33,23 @@ def save_model(
 ) -> None:
     """Save unwrapped ``GPTModel`` chunks (all ranks call this collectively). With ``model``,
     the architecture is recorded next to the shards so tools can rebuild it at any layout."""
-    import torch.distributed as dist
     from megatron.core import dist_checkpointing
 
     Path(ckpt_dir).mkdir(parents=True, exist_ok=True)
     dist_checkpointing.save(_sharded_state_dict(chunks), str(ckpt_dir))
-    if model is not None and (not dist.is_initialized() or dist.get_rank() == 0):
-        meta = {"model": dataclasses.asdict(model), "params_dtype": params_dtype}
-        Path(ckpt_dir, META_FILE).write_text(yaml.safe_dump(meta, sort_keys=False))
+    if model is not None:
+        write_meta(ckpt_dir, model, params_dtype)
+
+
+def write_meta(ckpt_dir: str | Path, model: ModelConfig | None, params_dtype: str | None, layout: dict | None = None) -> None:
+    """Record the architecture (and the saving layout) next to the shards; rank 0 writes."""
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return
+    meta = {"model": dataclasses.asdict(model) if model is not None else None, "params_dtype": params_dtype,
+            "layout": layout}  # fmt: skip
+    Path(ckpt_dir, META_FILE).write_text(yaml.safe_dump(meta, sort_keys=False))
 
 
 def read_meta(ckpt_dir: str | Path) -> tuple[ModelConfig, str]:

@@ -20,7 +20,6 @@ derives its sampling seeds from (seed, branch, step), so results do not depend o
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -33,7 +32,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from copd_megatron.checkpoint.dist_ckpt import META_FILE, check_shapes
+from copd_megatron.checkpoint.dist_ckpt import META_FILE, check_shapes, write_meta
 from copd_megatron.config.schema import ConfigError
 from copd_megatron.utils.faults import maybe_die
 
@@ -87,10 +86,8 @@ def save_branch(branch, ckpt_dir: Path, model_cfg=None, params_dtype: str | None
         _branch_sharded_state(branch, is_loading=False), str(ckpt_dir),
         async_sharded_save=async_save, async_strategy="mcore",
     )  # fmt: skip
-    if _rank() == 0:
-        meta = {"model": dataclasses.asdict(model_cfg) if model_cfg is not None else None,
-                "params_dtype": params_dtype, "layout": {"tp": _layout()[0], "pp": _layout()[1], "world": _layout()[2]}}  # fmt: skip
-        (ckpt_dir / META_FILE).write_text(yaml.safe_dump(meta, sort_keys=False))
+    tp, pp, world = _layout()
+    write_meta(ckpt_dir, model_cfg, params_dtype, {"tp": tp, "pp": pp, "world": world})
     return req
 
 
