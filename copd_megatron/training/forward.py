@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from copd_megatron.distributed.comm import broadcast_from_last_stage
 from copd_megatron.training.step import MicroBatch
 
 # fn(logits [b, s, V/tp], micro_batch) -> dict of tensors with leading dim b
@@ -54,20 +55,6 @@ def forward_collect(
             c.train(t)
     merged = {k: torch.cat([o[k] for o in outputs]) for k in outputs[0]} if outputs else {}
     if broadcast and dist.is_initialized() and ps.get_pipeline_model_parallel_world_size() > 1:
-        merged = _broadcast_from_last_stage(merged)
+        merged = broadcast_from_last_stage(merged, ps.get_pipeline_model_parallel_group())
     return merged
 
-
-def _broadcast_from_last_stage(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Share the last stage's results with the other stages (names, shapes, then data)."""
-    from megatron.core import parallel_state as ps
-
-    src, group = ps.get_pipeline_model_parallel_last_rank(), ps.get_pipeline_model_parallel_group()
-    spec = [[(k, tuple(v.shape), v.dtype) for k, v in tensors.items()]]
-    dist.broadcast_object_list(spec, src=src, group=group)
-    out = {}
-    for k, shape, dtype in spec[0]:
-        t = tensors[k].contiguous() if k in tensors else torch.empty(shape, dtype=dtype)
-        dist.broadcast(t, src=src, group=group)
-        out[k] = t
-    return out
