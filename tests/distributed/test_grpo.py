@@ -60,8 +60,13 @@ def test_grpo_raises_mean_reward_on_a_synthetic_family(tmp_path):
     run = tmp_path / "grpo"
     subprocess.run([sys.executable, "-m", "copd_megatron.cli", "configs/demo_cpu.yaml", f"run_dir={run}",
                     f"tokenizer={base / 'tokenizer.model'}", f"checkpoint.base={base / 'checkpoint'}",
-                    "schedule.mode=expert", "schedule.cycles=1", "schedule.s_rl=40", "schedule.s_opd=0"],
+                    "schedule.mode=expert", "schedule.cycles=1", "schedule.s_rl=40", "schedule.s_opd=0",
+                    "optimizer.lr=5e-4"],
                    cwd=ROOT, check=True, capture_output=True, timeout=900)  # fmt: skip
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    rewards = [r["branch/sort/native/reward"] for r in rows]
-    assert sum(rewards[-10:]) / 10 > sum(rewards[:10]) / 10 + 0.03
+    # Both branches' rewards averaged: one branch's 10-step means carry ±0.03 of sampling noise.
+    # The demo's lr (5e-5) moves too little in 40 steps to separate from that noise (+0.006 at
+    # seed 1; +0.001 to +0.045 over seeds 1-4), so the test uses 5e-4 (+0.036 to +0.099 over seeds 1-4).
+    rewards = [(r["branch/sort/native/reward"] + r["branch/count/native/reward"]) / 2 for r in rows]
+    first, last = sum(rewards[:10]) / 10, sum(rewards[-10:]) / 10
+    assert last > first + 0.03, f"mean reward {first:.3f} over the first 10 steps, {last:.3f} over the last 10"
