@@ -49,7 +49,8 @@ def resume_or_start(cfg: Config, manager: CheckpointManager, branches: dict) -> 
 
 def make_manager(cfg: Config) -> CheckpointManager:
     c = cfg.checkpoint
-    return CheckpointManager(c.save_dir or f"{cfg.run_dir}/checkpoints", c.keep_last, c.keep_every, c.async_save)
+    return CheckpointManager(c.save_dir or f"{cfg.run_dir}/checkpoints", c.keep_last, c.keep_every, c.async_save,
+                             fully_parallel_save=c.fully_parallel_save, fully_parallel_load=c.fully_parallel_load)  # fmt: skip
 
 
 def run_smoke(cfg: Config, layout: Layout) -> list[float]:

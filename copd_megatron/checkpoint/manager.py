@@ -77,13 +77,50 @@ def _branch_sharded_state(branch, is_loading: bool, with_rng: bool = True) -> di
     return state
 
 
-def save_branch(branch, ckpt_dir: Path, model_cfg=None, params_dtype: str | None = None, async_save: bool = False):
+def _dp_group():
+    """The group over which a branch's shards are replicated (data parallel, with context
+    parallel), or None when there is no replication to spread."""
+    from megatron.core import parallel_state as ps
+
+    if not dist.is_initialized() or ps.get_data_parallel_world_size(with_context_parallel=True) == 1:
+        return None
+    return ps.get_data_parallel_group(with_context_parallel=True)
+
+
+def _save_strategy(fully_parallel: bool):
+    """torch_dist; with ``fully_parallel`` the replicated shards' writes are spread over the DP
+    ranks (a greedy balance computed from metadata only: no tensor data moves)."""
+    from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
+
+    strategy = get_default_save_sharded_strategy("torch_dist")
+    group = _dp_group() if fully_parallel else None
+    # A new wrapper per save (no cached distribution): branches may differ, and a cache keyed
+    # on an old state-dict structure would assign shards wrongly.
+    return FullyParallelSaveStrategyWrapper(strategy, group) if group is not None else strategy
+
+
+def _load_strategy(ckpt_dir: Path, fully_parallel: bool):
+    """Megatron's default loader for the directory; with ``fully_parallel`` each DP rank reads a
+    part of the replicated shards and they are exchanged over the DP group."""
+    from megatron.core.dist_checkpointing.serialization import get_default_load_sharded_strategy
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelLoadStrategyWrapper
+
+    strategy = get_default_load_sharded_strategy(str(ckpt_dir))
+    group = _dp_group() if fully_parallel else None
+    return FullyParallelLoadStrategyWrapper(strategy, group) if group is not None else strategy
+
+
+def save_branch(
+    branch, ckpt_dir: Path, model_cfg=None, params_dtype: str | None = None, async_save: bool = False,
+    fully_parallel: bool = True,
+):  # fmt: skip
     """Save one branch (collective). Returns a megatron AsyncRequest when ``async_save``."""
     from megatron.core import dist_checkpointing
 
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     req = dist_checkpointing.save(
-        _branch_sharded_state(branch, is_loading=False), str(ckpt_dir),
+        _branch_sharded_state(branch, is_loading=False), str(ckpt_dir), sharded_strategy=_save_strategy(fully_parallel),
         async_sharded_save=async_save, async_strategy="mcore",
     )  # fmt: skip
     tp, pp, world = _layout()
@@ -133,7 +170,7 @@ def _unshare_step_tensors(optimizer) -> None:
                 st["step"] = st["step"].clone()
 
 
-def load_branch(branch, ckpt_dir: Path) -> None:
+def load_branch(branch, ckpt_dir: Path, fully_parallel: bool = False) -> None:
     """Load model weights, optimizer state, LR scheduler (and RNG at the same layout) in place."""
     from megatron.core import dist_checkpointing
 
@@ -144,7 +181,8 @@ def load_branch(branch, ckpt_dir: Path) -> None:
         check_shapes(m.sharded_state_dict() if len(models) == 1 else {f"model{i}": m.sharded_state_dict()}, ckpt_dir)
     _materialise_optimizer_state(branch.optimizer)
     _tolerate_missing_step(branch.optimizer)
-    state = dist_checkpointing.load(_branch_sharded_state(branch, True, with_rng=same_layout), str(ckpt_dir))
+    state = dist_checkpointing.load(_branch_sharded_state(branch, True, with_rng=same_layout), str(ckpt_dir),
+                                    sharded_strategy=_load_strategy(ckpt_dir, fully_parallel))  # fmt: skip
     if len(models) == 1:
         models[0].load_state_dict(state["model"], strict=True)
     else:
@@ -179,9 +217,13 @@ class PreemptionFlag:
 class CheckpointManager:
     """Save / resume all branches of a run, with retention and atomic ``latest`` pointers."""
 
-    def __init__(self, save_dir: str | Path, keep_last: int = 2, keep_every: int = 0, async_save: bool = False) -> None:
+    def __init__(
+        self, save_dir: str | Path, keep_last: int = 2, keep_every: int = 0, async_save: bool = False, *,
+        fully_parallel_save: bool = True, fully_parallel_load: bool = False,
+    ) -> None:  # fmt: skip
         self.save_dir = Path(save_dir)
         self.keep_last, self.keep_every, self.async_save = keep_last, keep_every, async_save
+        self.fully_parallel_save, self.fully_parallel_load = fully_parallel_save, fully_parallel_load
         self._queue = None
         if async_save:
             from megatron.core.dist_checkpointing.strategies.async_utils import (
@@ -199,7 +241,8 @@ class CheckpointManager:
             shutil.rmtree(it_dir)  # a stale, incomplete attempt at the same iteration
         if dist.is_initialized():
             dist.barrier()
-        requests = [save_branch(b, it_dir / name, model_cfg, params_dtype, self.async_save) for name, b in branches.items()]
+        requests = [save_branch(b, it_dir / name, model_cfg, params_dtype, self.async_save, self.fully_parallel_save)
+                    for name, b in branches.items()]  # fmt: skip
         # Snapshot now: with async saves the caller's run state moves on before finalize runs.
         snapshot = json.dumps({**run_state, "iteration": iteration}, indent=1)
 
@@ -271,7 +314,7 @@ class CheckpointManager:
                 raise ConfigError(f"checkpoint {it_dir}: branch {name!r} is missing {', '.join(missing)}")
         run_state = json.loads((it_dir / "run_state.json").read_text())
         for name, branch in branches.items():
-            load_branch(branch, it_dir / name)
+            load_branch(branch, it_dir / name, self.fully_parallel_load)
         logger.info("resumed from %s (iteration %d)", it_dir, run_state["iteration"])
         return run_state
 

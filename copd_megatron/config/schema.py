@@ -330,6 +330,13 @@ class CheckpointConfig:
     """Retention: also keep every checkpoint whose iteration is a multiple of this (0 = off)."""
     async_save: bool = False
     """Write checkpoints in the background."""
+    fully_parallel_save: bool = True
+    """Spread the writing of data-parallel-replicated shards over the data-parallel ranks
+    (Megatron's ``FullyParallelSaveStrategyWrapper``); off: data-parallel rank 0 writes them all."""
+    fully_parallel_load: bool = False
+    """Each data-parallel rank reads a part of the replicated shards and they are exchanged over
+    the data-parallel group (``FullyParallelLoadStrategyWrapper``): less storage traffic on
+    resume, more network traffic (Megatron-LM's default is off too)."""
 
 
 @dataclass

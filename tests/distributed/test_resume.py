@@ -3,7 +3,8 @@
 Each scenario runs the real CLI under torchrun (2 CPU ranks, TP=2) on the smoke recipe, whose
 data are a function of the step, and compares with one uninterrupted run of the same seed:
 the continued losses are identical, and so are the final weights, Adam moments and LR
-scheduler step. A resume at another layout (TP=1) reshards model and optimizer state.
+scheduler step. A resume at another layout (TP=1, and TP=1×PP=2) reshards model and optimizer
+state.
 """
 
 from __future__ import annotations
@@ -105,16 +106,35 @@ def test_sigkill_during_async_save_resumes_from_previous(reference, tmp_path):
     assert _losses(resumed) == {s: ref[s] for s in (3, 4, 5, 6)}
 
 
-def test_resume_at_another_layout_reshards_weights_and_optimizer(reference, tmp_path):
-    resumed = tmp_path / "tp1"
+LAYOUTS = {
+    "tp1": (1, []),
+    "tp1pp2": (2, ["parallel.pp=2"]),
+    # DP=2: Megatron's fully parallel loader (each DP rank reads part of the replicated shards,
+    # then they are exchanged) and fully parallel async save (the step-6 checkpoint compared
+    # below was written half by each DP rank).
+    "dp2": (2, ["checkpoint.fully_parallel_load=true", "checkpoint.fully_parallel_save=true", "checkpoint.async_save=true"]),
+}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_resume_at_another_layout_reshards_weights_and_optimizer(reference, tmp_path, layout):
+    """The TP=2 run's step-4 checkpoint continues at TP=1 (one rank), at TP=1×PP=2 (two
+    pipeline stages) and at DP=2: same losses and, at step 6, the same weights and Adam moments
+    (to fp32 reduction-order noise: the layouts sum in different orders)."""
+    resumed = tmp_path / layout
     src = reference / "checkpoints" / "iter_0000004"
-    assert _train(resumed, f"checkpoint.load_dir={src}", nproc=1, tp=1) == 0
+    nproc, extra = LAYOUTS[layout]
+    assert _train(resumed, f"checkpoint.load_dir={src}", *extra, nproc=nproc, tp=1) == 0
     ref = _losses(reference)
     got = _losses(resumed)
+    assert sorted(got) == [5, 6]
     for s in (5, 6):
         assert got[s] == pytest.approx(ref[s], rel=1e-5)
     _assert_same_final_state(reference / "checkpoints" / "iter_0000006" / "main",
                              resumed / "checkpoints" / "iter_0000006" / "main", exact=False)  # fmt: skip
+    if layout == "dp2":  # each DP rank wrote about half (without the wrapper: rank 0 ~all of it)
+        sizes = [f.stat().st_size for f in sorted((resumed / "checkpoints" / "iter_0000006" / "main").glob("__*.distcp"))]
+        assert len(sizes) == 2 and min(sizes) > 0.3 * sum(sizes), sizes
 
 
 def test_incomplete_or_foreign_checkpoints_are_refused(reference, tmp_path):
