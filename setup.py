@@ -32,7 +32,7 @@ setup(
             "copd-train=copd_megatron.cli:train_main",
             "copd-merge=copd_megatron.checkpoint.merge_cli:main",
             "copd-eval=copd_megatron.eval_cli:main",
-            "copd-convert=copd_megatron.checkpoint.convert:main",
+            "copd-convert=copd_megatron.checkpoint.convert_cli:main",
         ],
     },
 )

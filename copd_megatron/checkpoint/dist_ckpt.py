@@ -110,3 +110,66 @@ def load_model(chunks: list, ckpt_dir: str | Path) -> None:
     else:
         for i, c in enumerate(chunks):
             c.load_state_dict(state[f"model{i}"], strict=True)
+
+
+def read_chunks(ckpt_dir: str | Path, requests: dict[str, tuple[tuple[int, ...], "torch.Tensor"]]) -> None:
+    """Fill each destination tensor with a chunk of a saved global tensor, in one process.
+
+    ``requests[key] = (offsets, dest)``: ``dest`` receives ``global[key][offsets : offsets +
+    dest.shape]`` (e.g. layer ``i`` of a stacked ``[L, ...]`` tensor: offsets ``(i, 0, ...)``,
+    ``dest`` of shape ``(1, ...)``). Only the stored shards that overlap are read, whatever
+    layout saved them. This is torch DCP underneath torch_dist; Megatron's own ``load`` cannot
+    request a partial tensor in a world of one (every fragment of its regular grid is local).
+    """
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint import load as dcp_load
+
+    dcp_load({}, storage_reader=FileSystemReader(str(ckpt_dir)), planner=_ChunkPlanner(requests), no_dist=True)
+
+
+def _chunk_planner_class():
+    import torch
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+    from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner
+    from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+
+    class ChunkPlanner(LoadPlanner):
+        """Read items for exactly the requested chunks; tensors land in the callers' buffers."""
+
+        def __init__(self, requests: dict) -> None:
+            self.requests = requests
+
+        def set_up_planner(self, state_dict, metadata=None, is_coordinator: bool = False) -> None:
+            self.metadata = metadata
+
+        def create_local_plan(self) -> LoadPlan:
+            items = []
+            for key, (offsets, dest) in self.requests.items():
+                chunk = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=dest.shape)
+                items += create_read_items_for_chunk_list(key, self.metadata.state_dict_metadata[key], [chunk])
+            return LoadPlan(items)
+
+        def create_global_plan(self, global_plan: list) -> list:
+            return global_plan
+
+        def finish_plan(self, central_plan: LoadPlan) -> LoadPlan:
+            return central_plan
+
+        def load_bytes(self, read_item, value) -> None:
+            raise AssertionError(f"unexpected non-tensor read of {read_item.dest_index.fqn}")
+
+        def resolve_tensor(self, read_item):
+            view = self.requests[read_item.dest_index.fqn][1]
+            # dest_offsets are relative to the requested chunk, i.e. to the destination buffer.
+            for dim, (start, length) in enumerate(zip(read_item.dest_offsets, read_item.lengths, strict=True)):
+                view = view.narrow(dim, start, length)
+            return view
+
+        def commit_tensor(self, read_item, tensor) -> None:
+            pass  # resolve_tensor returned a view of the destination: the data is already there
+
+    return ChunkPlanner
+
+
+def _ChunkPlanner(requests: dict):  # noqa: N802 (a factory: torch is imported lazily)
+    return _chunk_planner_class()(requests)
