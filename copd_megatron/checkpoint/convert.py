@@ -319,8 +319,9 @@ class TorchDistReader:
     def __init__(self, ckpt_dir: Path, m: ModelConfig) -> None:
         from megatron.core import dist_checkpointing
 
-        if not (ckpt_dir / "metadata.json").is_file():
-            raise ConfigError(f"{ckpt_dir}: not a torch_dist checkpoint (metadata.json is missing)")
+        from copd_megatron.checkpoint.dist_ckpt import verify_files
+
+        verify_files(ckpt_dir)
         self.dir, self.layers = ckpt_dir, m.num_layers
         saved = dist_checkpointing.load_tensors_metadata(str(ckpt_dir))
         self.where: dict[str, tuple[str, int | None, tuple[int, ...], torch.dtype]] = {}

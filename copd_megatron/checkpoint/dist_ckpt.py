@@ -66,6 +66,32 @@ def read_meta(ckpt_dir: str | Path) -> tuple[ModelConfig, str]:
     return cfg.model, meta.get("params_dtype") or "fp32"
 
 
+def verify_files(ckpt_dir: str | Path) -> None:
+    """Refuse a torch_dist directory whose shard files are missing or shorter than its
+    ``.metadata`` says (a copy cut short, a deleted file), naming the file, before anything is
+    read: otherwise the load fails halfway with a traceback, or reads garbage. Metadata only."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    d = Path(ckpt_dir)
+    if not (d / "metadata.json").is_file():
+        raise ConfigError(f"{d}: not a torch_dist checkpoint (metadata.json is missing)")
+    if not (d / ".metadata").is_file():
+        raise ConfigError(f"{d}: .metadata is missing (the save never finished, or the copy is incomplete)")
+    try:
+        storage = FileSystemReader(str(d)).read_metadata().storage_data or {}
+    except Exception as e:  # noqa: BLE001 (any unpickling failure means the same thing to the user)
+        raise ConfigError(f"{d}: .metadata is unreadable ({type(e).__name__}); the checkpoint is corrupt") from None
+    need: dict[str, int] = {}
+    for info in storage.values():  # the furthest byte each shard file must hold
+        need[info.relative_path] = max(need.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in sorted(need.items()):
+        f = d / name
+        if not f.is_file():
+            raise ConfigError(f"{d}: shard file {name} is missing (listed in .metadata)")
+        if f.stat().st_size < size:
+            raise ConfigError(f"{d}: shard file {name} is truncated ({f.stat().st_size} bytes, .metadata needs {size})")
+
+
 def check_shapes(sharded_state_dict: dict, ckpt_dir: str | Path) -> None:
     """Refuse a checkpoint whose tensors have other global shapes than the model's (a reshard
     of mismatched shapes can otherwise load partially without an error)."""
@@ -101,8 +127,7 @@ def load_model(chunks: list, ckpt_dir: str | Path) -> None:
     """Load weights saved at any layout into this rank's chunks (collective, strict)."""
     from megatron.core import dist_checkpointing
 
-    if not Path(ckpt_dir, "metadata.json").is_file():
-        raise ConfigError(f"{ckpt_dir}: not a torch_dist checkpoint (metadata.json is missing)")
+    verify_files(ckpt_dir)
     check_shapes(_sharded_state_dict(chunks), ckpt_dir)
     state = dist_checkpointing.load(_sharded_state_dict(chunks), str(ckpt_dir))
     if len(chunks) == 1:

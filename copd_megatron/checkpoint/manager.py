@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from copd_megatron.checkpoint.dist_ckpt import META_FILE, check_shapes, write_meta
+from copd_megatron.checkpoint.dist_ckpt import META_FILE, check_shapes, verify_files, write_meta
 from copd_megatron.config.schema import ConfigError
 from copd_megatron.utils.faults import maybe_die
 
@@ -312,6 +312,7 @@ class CheckpointManager:
             missing = [f for f in ("metadata.json", META_FILE) if not (it_dir / name / f).is_file()]
             if missing:
                 raise ConfigError(f"checkpoint {it_dir}: branch {name!r} is missing {', '.join(missing)}")
+            verify_files(it_dir / name)
         run_state = json.loads((it_dir / "run_state.json").read_text())
         for name, branch in branches.items():
             load_branch(branch, it_dir / name, self.fully_parallel_load)

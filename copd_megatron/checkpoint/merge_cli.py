@@ -52,8 +52,10 @@ def check_compatible(dirs: list[str]) -> None:
     """Same architecture and identical tensor keys and global shapes, or a one-line error."""
     from megatron.core import dist_checkpointing
 
-    from copd_megatron.checkpoint.dist_ckpt import read_meta
+    from copd_megatron.checkpoint.dist_ckpt import read_meta, verify_files
 
+    for d in dirs:
+        verify_files(d)
     ref_model, _ = read_meta(dirs[0])
     ref_meta = dist_checkpointing.load_tensors_metadata(dirs[0])
     for d in dirs[1:]:

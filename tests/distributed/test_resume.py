@@ -150,6 +150,33 @@ def test_incomplete_or_foreign_checkpoints_are_refused(reference, tmp_path):
     assert out.returncode == 2 and "different experiment config" in out.stderr.strip().splitlines()[-1]
 
 
+def test_damaged_shard_files_are_refused_before_loading(reference, tmp_path):
+    """A checkpoint marked COMPLETE whose shard files were later deleted or cut short (a partial
+    copy between clusters): one line naming the file, before anything is loaded."""
+    import shutil
+
+    from copd_megatron.checkpoint.dist_ckpt import verify_files
+    from copd_megatron.config.schema import ConfigError
+
+    src = reference / "checkpoints" / "iter_0000004"
+    verify_files(src / "main")  # intact
+    damaged = tmp_path / "copy" / "iter_0000004"
+    shutil.copytree(src, damaged)
+    shard = sorted((damaged / "main").glob("__*.distcp"))[-1]
+    with open(shard, "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(ConfigError, match=rf"shard file {shard.name} is truncated \(100 bytes"):
+        verify_files(damaged / "main")
+    shard.unlink()
+    cmd = [sys.executable, "-m", "copd_megatron.cli", *BASE, f"run_dir={tmp_path / 'x'}", f"checkpoint.load_dir={damaged}"]
+    out = subprocess.run(cmd, cwd=ROOT, env={**os.environ}, capture_output=True, text=True, timeout=120)
+    last = out.stderr.strip().splitlines()[-1]
+    assert out.returncode == 2 and f"shard file {shard.name} is missing" in last and "Traceback" not in out.stderr
+    (damaged / "main" / ".metadata").unlink()
+    with pytest.raises(ConfigError, match=r"\.metadata is missing"):
+        verify_files(damaged / "main")
+
+
 def test_sigterm_saves_and_exits_cleanly(tmp_path):
     """What Slurm sends before a time limit: the run saves the step it reached and exits 0."""
     import signal
