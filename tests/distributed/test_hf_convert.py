@@ -146,6 +146,11 @@ def _streaming_and_refusals(root: str) -> dict:
     ckpt = Path(root, "llama", "pp2")  # saved by two pipeline stages: every read spans files
     m, _ = read_meta(ckpt)
     reader = TorchDistReader(ckpt, m)
+    # Megatron saves the local spec's norms under the TE spec's fused names, stacked over layers:
+    # what a Transformer Engine model (model.transformer_impl: te) reads and writes natively.
+    assert reader.where["decoder.layers.1.input_layernorm.weight"][:2] == (
+        "decoder.layers.self_attention.linear_qkv.layer_norm_weight", 1)
+    assert reader.where["decoder.layers.0.pre_mlp_layernorm.weight"][0] == "decoder.layers.mlp.linear_fc1.layer_norm_weight"
     names = [name for name, _ in mcore_to_hf_iter(reader.get, m)]
     reads = list(reader.reads)
     shapes = mcore_shapes(m)
