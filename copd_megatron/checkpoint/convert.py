@@ -311,22 +311,25 @@ class TorchDistReader:
     Megatron stores the decoder's weights stacked over layers (``decoder.layers.<name>`` of
     global shape ``[L, ...]``; older or heterogeneous checkpoints use ``decoder.layers.<i>.<name>``).
     Asking for any tensor of layer ``i`` reads that layer's slice of every stacked tensor in one
-    ``dist_checkpointing.load`` call, which reassembles it from whatever shards were saved; the
-    previous layer is dropped. Resident at a time: one layer, or the embedding / output layer.
-    Every tensor is checked (present, global shape) before anything is read.
+    :func:`~copd_megatron.checkpoint.dist_ckpt.read_chunks` call, which reassembles it from
+    whatever shards were saved; the previous layer is dropped. Resident at a time: one layer, or
+    the embedding / output layer. Every tensor is checked (present, global shape) before
+    anything is read, and ``.metadata`` is read once.
     """
 
     def __init__(self, ckpt_dir: Path, m: ModelConfig) -> None:
-        from megatron.core import dist_checkpointing
+        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
         from copd_megatron.checkpoint.dist_ckpt import verify_files
 
-        verify_files(ckpt_dir)
+        self.metadata = verify_files(ckpt_dir)
         self.dir, self.layers = ckpt_dir, m.num_layers
-        saved = dist_checkpointing.load_tensors_metadata(str(ckpt_dir))
+        saved = {k: v for k, v in self.metadata.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)}
         self.where: dict[str, tuple[str, int | None, tuple[int, ...], torch.dtype]] = {}
+        self.groups: dict[str, list[str]] = {}  # read together: one decoder layer, or one tensor
         for name, shape in mcore_shapes(m).items():
             self.where[name] = self._locate(name, shape, saved)
+            self.groups.setdefault(self._group_of(name), []).append(name)
         # A trainer checkpoint adds optimizer.* state; any other tensor the config does not
         # explain (Qwen3's QK-norm exported with a Llama config, say) would be silently dropped.
         explained = {key for key, *_ in self.where.values()}
@@ -336,7 +339,7 @@ class TorchDistReader:
                               f"e.g. {extra[0]!r} (wrong --model-config or copd_meta.yaml?)")  # fmt: skip
         self._group: str | None = None
         self._cache: dict[str, torch.Tensor] = {}
-        self.reads: list[int] = []  # bytes read by each load call (for the log and the tests)
+        self.reads: list[int] = []  # bytes requested by each read (for the log and the tests)
 
     def _locate(self, name: str, shape: tuple[int, ...], saved: dict) -> tuple:
         """(checkpoint key, layer index or None, shape to read, dtype), or a one-line error."""
@@ -348,11 +351,11 @@ class TorchDistReader:
                 candidates.append((f"decoder.layers.{layer[2]}", int(layer[1]), (self.layers, *shape)))
         for key, index, want in candidates:
             if key in saved:
-                got = tuple(saved[key].global_shape)
+                got = tuple(saved[key].size)
                 if got != want:
                     raise ConfigError(f"{self.dir}: tensor {key!r} has shape {got} but the model config implies {want}"
                                       " (another architecture, or the wrong --model-config)")  # fmt: skip
-                return key, index, shape, saved[key].dtype
+                return key, index, shape, saved[key].properties.dtype
         raise ConfigError(f"{self.dir}: tensor {candidates[0][0]!r} is not in the checkpoint "
                           "(another architecture, or not a model checkpoint)")  # fmt: skip
 
@@ -367,7 +370,7 @@ class TorchDistReader:
         group = self._group_of(name)
         if group != self._group:
             self._cache = {}  # drop the previous layer before reading the next
-            self._cache = self._read([n for n in self.where if self._group_of(n) == group])
+            self._cache = self._read(self.groups[group])
             self._group = group
         return self._cache[name]
 
@@ -384,7 +387,7 @@ class TorchDistReader:
                 buffer = torch.empty((1, *shape), dtype=dtype)
                 requests[key] = ((index,) + (0,) * len(shape), buffer)
                 out[name] = buffer[0]
-        read_chunks(self.dir, requests)
+        read_chunks(self.dir, self.metadata, requests)
         self.reads.append(sum(t.nbytes for t in out.values()))
         return out
 

@@ -14,7 +14,12 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import torch
 import yaml
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner
+from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
 from copd_megatron.config.schema import ConfigError, ModelConfig
 
@@ -66,23 +71,22 @@ def read_meta(ckpt_dir: str | Path) -> tuple[ModelConfig, str]:
     return cfg.model, meta.get("params_dtype") or "fp32"
 
 
-def verify_files(ckpt_dir: str | Path) -> None:
+def verify_files(ckpt_dir: str | Path):
     """Refuse a torch_dist directory whose shard files are missing or shorter than its
     ``.metadata`` says (a copy cut short, a deleted file), naming the file, before anything is
-    read: otherwise the load fails halfway with a traceback, or reads garbage. Metadata only."""
-    from torch.distributed.checkpoint import FileSystemReader
-
+    read: otherwise the load fails halfway with a traceback, or reads garbage. Metadata only;
+    returns the torch DCP ``Metadata`` it read (for :func:`read_chunks`)."""
     d = Path(ckpt_dir)
     if not (d / "metadata.json").is_file():
         raise ConfigError(f"{d}: not a torch_dist checkpoint (metadata.json is missing)")
     if not (d / ".metadata").is_file():
         raise ConfigError(f"{d}: .metadata is missing (the save never finished, or the copy is incomplete)")
     try:
-        storage = FileSystemReader(str(d)).read_metadata().storage_data or {}
+        metadata = FileSystemReader(str(d)).read_metadata()
     except Exception as e:  # noqa: BLE001 (any unpickling failure means the same thing to the user)
         raise ConfigError(f"{d}: .metadata is unreadable ({type(e).__name__}); the checkpoint is corrupt") from None
     need: dict[str, int] = {}
-    for info in storage.values():  # the furthest byte each shard file must hold
+    for info in (metadata.storage_data or {}).values():  # the furthest byte each shard file must hold
         need[info.relative_path] = max(need.get(info.relative_path, 0), info.offset + info.length)
     for name, size in sorted(need.items()):
         f = d / name
@@ -90,6 +94,7 @@ def verify_files(ckpt_dir: str | Path) -> None:
             raise ConfigError(f"{d}: shard file {name} is missing (listed in .metadata)")
         if f.stat().st_size < size:
             raise ConfigError(f"{d}: shard file {name} is truncated ({f.stat().st_size} bytes, .metadata needs {size})")
+    return metadata
 
 
 def check_shapes(sharded_state_dict: dict, ckpt_dir: str | Path) -> None:
@@ -137,64 +142,64 @@ def load_model(chunks: list, ckpt_dir: str | Path) -> None:
             c.load_state_dict(state[f"model{i}"], strict=True)
 
 
-def read_chunks(ckpt_dir: str | Path, requests: dict[str, tuple[tuple[int, ...], "torch.Tensor"]]) -> None:
+def read_chunks(ckpt_dir: str | Path, metadata, requests: dict[str, tuple[tuple[int, ...], torch.Tensor]]) -> None:
     """Fill each destination tensor with a chunk of a saved global tensor, in one process.
 
     ``requests[key] = (offsets, dest)``: ``dest`` receives ``global[key][offsets : offsets +
     dest.shape]`` (e.g. layer ``i`` of a stacked ``[L, ...]`` tensor: offsets ``(i, 0, ...)``,
     ``dest`` of shape ``(1, ...)``). Only the stored shards that overlap are read, whatever
-    layout saved them. This is torch DCP underneath torch_dist; Megatron's own ``load`` cannot
-    request a partial tensor in a world of one (every fragment of its regular grid is local).
+    layout saved them. ``metadata`` is the directory's DCP metadata (:func:`verify_files`), so
+    repeated calls do not read ``.metadata`` again. This is torch DCP underneath torch_dist;
+    Megatron's own ``load`` cannot request a partial tensor in a world of one (every fragment
+    of its regular grid is local).
     """
-    from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint import load as dcp_load
 
-    dcp_load({}, storage_reader=FileSystemReader(str(ckpt_dir)), planner=_ChunkPlanner(requests), no_dist=True)
+    dcp_load({}, storage_reader=_KnownMetadataReader(ckpt_dir, metadata), planner=_ChunkPlanner(requests), no_dist=True)
 
 
-def _chunk_planner_class():
-    import torch
-    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
-    from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner
-    from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+class _KnownMetadataReader(FileSystemReader):
+    """A FileSystemReader that is handed the directory's metadata instead of reading it again."""
 
-    class ChunkPlanner(LoadPlanner):
-        """Read items for exactly the requested chunks; tensors land in the callers' buffers."""
+    def __init__(self, ckpt_dir: str | Path, metadata) -> None:
+        super().__init__(str(ckpt_dir))
+        self._known = metadata
 
-        def __init__(self, requests: dict) -> None:
-            self.requests = requests
-
-        def set_up_planner(self, state_dict, metadata=None, is_coordinator: bool = False) -> None:
-            self.metadata = metadata
-
-        def create_local_plan(self) -> LoadPlan:
-            items = []
-            for key, (offsets, dest) in self.requests.items():
-                chunk = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=dest.shape)
-                items += create_read_items_for_chunk_list(key, self.metadata.state_dict_metadata[key], [chunk])
-            return LoadPlan(items)
-
-        def create_global_plan(self, global_plan: list) -> list:
-            return global_plan
-
-        def finish_plan(self, central_plan: LoadPlan) -> LoadPlan:
-            return central_plan
-
-        def load_bytes(self, read_item, value) -> None:
-            raise AssertionError(f"unexpected non-tensor read of {read_item.dest_index.fqn}")
-
-        def resolve_tensor(self, read_item):
-            view = self.requests[read_item.dest_index.fqn][1]
-            # dest_offsets are relative to the requested chunk, i.e. to the destination buffer.
-            for dim, (start, length) in enumerate(zip(read_item.dest_offsets, read_item.lengths, strict=True)):
-                view = view.narrow(dim, start, length)
-            return view
-
-        def commit_tensor(self, read_item, tensor) -> None:
-            pass  # resolve_tensor returned a view of the destination: the data is already there
-
-    return ChunkPlanner
+    def read_metadata(self):
+        return self._known
 
 
-def _ChunkPlanner(requests: dict):  # noqa: N802 (a factory: torch is imported lazily)
-    return _chunk_planner_class()(requests)
+class _ChunkPlanner(LoadPlanner):
+    """Read items for exactly the requested chunks; tensors land in the callers' buffers."""
+
+    def __init__(self, requests: dict) -> None:
+        self.requests = requests
+
+    def set_up_planner(self, state_dict, metadata=None, is_coordinator: bool = False) -> None:
+        self.metadata = metadata
+
+    def create_local_plan(self) -> LoadPlan:
+        items = []
+        for key, (offsets, dest) in self.requests.items():
+            chunk = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=dest.shape)
+            items += create_read_items_for_chunk_list(key, self.metadata.state_dict_metadata[key], [chunk])
+        return LoadPlan(items)
+
+    def create_global_plan(self, global_plan: list) -> list:
+        return global_plan
+
+    def finish_plan(self, central_plan: LoadPlan) -> LoadPlan:
+        return central_plan
+
+    def load_bytes(self, read_item, value) -> None:
+        raise AssertionError(f"unexpected non-tensor read of {read_item.dest_index.fqn}")
+
+    def resolve_tensor(self, read_item):
+        view = self.requests[read_item.dest_index.fqn][1]
+        # dest_offsets are relative to the requested chunk, i.e. to the destination buffer.
+        for dim, (start, length) in enumerate(zip(read_item.dest_offsets, read_item.lengths, strict=True)):
+            view = view.narrow(dim, start, length)
+        return view
+
+    def commit_tensor(self, read_item, tensor) -> None:
+        pass  # resolve_tensor returned a view of the destination: the data is already there

@@ -140,7 +140,7 @@ def _streaming_and_refusals(root: str) -> dict:
 
     from copd_megatron.checkpoint.convert import TorchDistReader, export_hf
     from copd_megatron.checkpoint.dist_ckpt import read_meta
-    from copd_megatron.checkpoint.hf import mcore_shapes, mcore_to_hf_iter
+    from copd_megatron.checkpoint.hf import mcore_to_hf_iter
     from copd_megatron.config.schema import ConfigError
 
     ckpt = Path(root, "llama", "pp2")  # saved by two pipeline stages: every read spans files
@@ -153,8 +153,12 @@ def _streaming_and_refusals(root: str) -> dict:
     assert reader.where["decoder.layers.0.pre_mlp_layernorm.weight"][0] == "decoder.layers.mlp.linear_fc1.layer_norm_weight"
     names = [name for name, _ in mcore_to_hf_iter(reader.get, m)]
     reads = list(reader.reads)
-    shapes = mcore_shapes(m)
-    layer_bytes = sum(4 * torch.Size(v).numel() for k, v in shapes.items() if k.startswith("decoder.layers.0."))
+    # The reference sizes come from the original HF file, not from the mapping under test: a
+    # layer has the same parameters either way (fused QKV = q + k + v, fc1 = gate + up).
+    from safetensors.torch import load_file
+
+    original = load_file(str(Path(root, "llama", "hf", "model.safetensors")))
+    layer_bytes = sum(t.numel() * 4 for k, t in original.items() if k.startswith("model.layers.0."))
     errors = {}
     bad = {"layers": dataclasses.replace(m, num_layers=3), "qk_norm": dataclasses.replace(m, qk_layernorm=True)}
     for what, cfg in bad.items():
@@ -167,7 +171,7 @@ def _streaming_and_refusals(root: str) -> dict:
                                                                      qk_layernorm=False))  # fmt: skip
     except ConfigError as e:
         errors["unexplained"] = str(e)
-    total = sum(4 * torch.Size(v).numel() for v in shapes.values())
+    total = sum(t.numel() * 4 for t in original.values())
     _save_unstacked_local_names(reader, m, Path(root, "llama", "unstacked"))
     export_hf(Path(root, "llama", "unstacked"), Path(root, "llama", "hf_unstacked"))
     return {"reads": reads, "layer_bytes": layer_bytes, "total": total, "n_hf": len(names),
