@@ -31,7 +31,7 @@ def forward_collect(
 
     def forward_step(data_iterator, model):
         mb = next(data_iterator)
-        out = model(mb.tokens, mb.position_ids, None)
+        out = model(mb.tokens, mb.position_ids, None, **mb.inputs)
 
         def collect(logits):
             return torch.zeros(()), torch.tensor(1, dtype=torch.int), fn(logits, mb)

@@ -29,6 +29,7 @@ class MicroBatch:
     labels: torch.Tensor  # [b, s] int64 next-token targets (tokens shifted left by one)
     loss_mask: torch.Tensor  # [b, s] float, 1 where the token's loss counts (responses), else 0
     extra: dict = field(default_factory=dict)  # per-token tensors a loss needs (advantages, old log-probs)
+    inputs: dict = field(default_factory=dict)  # extra model inputs, passed as keyword arguments (e.g. vision)
 
     @staticmethod
     def from_tokens(tokens: torch.Tensor, loss_mask: torch.Tensor | None = None) -> "MicroBatch":
@@ -70,7 +71,7 @@ class StepResult:
 def _forward_step(loss_fn: LossFn, with_labels: bool):
     def forward_step(data_iterator: Iterable[MicroBatch], model):
         mb = next(data_iterator)
-        out = model(mb.tokens, mb.position_ids, None, labels=mb.labels if with_labels else None)
+        out = model(mb.tokens, mb.position_ids, None, labels=mb.labels if with_labels else None, **mb.inputs)
         return out, lambda output: loss_fn(output, mb)
 
     return forward_step
