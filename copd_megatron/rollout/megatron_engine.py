@@ -73,6 +73,7 @@ class MegatronEngine:
         self.pad_id = pad_id
         self.decode = decode  # needed for stop strings
         self.use_kv_cache = use_kv_cache
+        self.banned_ids: tuple[int, ...] = ()  # vocabulary ids never sampled (besides the padding)
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> RolloutBatch:
@@ -157,7 +158,7 @@ class MegatronEngine:
             # Hidden states of the previous stage for these positions ([s, n, h], Megatron's layout).
             dist.recv(recv, src=ps.get_pipeline_model_parallel_prev_rank())
             model.set_input_tensor(recv)
-        out = self.model(tokens, positions, None, inference_context=ctx)
+        out = self.model(tokens, positions, None, inference_context=ctx, **self._step_inputs(offset, s))
         if ctx is not None:
             ctx.sequence_len_offset += s
         if not ps.is_pipeline_last_stage(ignore_virtual=True):
@@ -166,7 +167,12 @@ class MegatronEngine:
         last = out[:, -1, :].float()  # [n, V/tp] vocab-parallel logits of the final position
         full = gather_from_tensor_model_parallel_region(last)  # [n, V]: small, one position only
         full[:, self.vocab_size :] = float("-inf")  # padded vocabulary entries
+        full[:, list(self.banned_ids)] = float("-inf")  # ids that are never sampled (image placeholders)
         return full
+
+    def _step_inputs(self, offset: int, length: int) -> dict:
+        """Extra model inputs for positions ``offset..offset+length`` (a subclass's media)."""
+        return {}
 
     def _sample_and_share(self, logits, params, gen, n) -> tuple[torch.Tensor, torch.Tensor]:
         from megatron.core import parallel_state as ps
