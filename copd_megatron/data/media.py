@@ -193,7 +193,7 @@ def _video_refs(entry: Any, base: Path, where: str) -> tuple[list[str | np.ndarr
 
 def preprocess(pixels: np.ndarray, vision: VisionConfig) -> torch.Tensor:
     """``[H, W, 3]`` uint8 → resized, normalised ``[3, image_height, image_width]`` float32."""
-    x = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1).float().div_(255.0)
+    x = torch.from_numpy(np.array(pixels, dtype=np.float32)).permute(2, 0, 1).div_(255.0)  # a writable copy
     size = (vision.image_height, vision.image_width)
     if tuple(x.shape[1:]) != size:
         x = F.interpolate(x[None], size=size, mode="bilinear", align_corners=False, antialias=True)[0]
@@ -245,11 +245,12 @@ def load_media(sample: PromptSample, vision: VisionConfig) -> Optional[Media]:
     pixels, kinds = [], []
     for marker in _MARKERS.findall(sample.prompt):
         if marker == IMAGE_MARKER:
-            pixels.append(preprocess(read_image(images.pop(0), f"{where}: image"), vision))
+            k = kinds.count("image")
+            pixels.append(preprocess(read_image(images[k], f"{where}: image {k}"), vision))
             kinds.append("image")
         else:
-            for ref in video["frames"]:
-                pixels.append(preprocess(read_image(ref, f"{where}: video frame"), vision))
+            for k, ref in enumerate(video["frames"]):
+                pixels.append(preprocess(read_image(ref, f"{where}: video frame {k}"), vision))
                 kinds.append("frame")
     return Media(torch.stack(pixels), kinds)
 

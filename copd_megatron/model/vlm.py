@@ -261,7 +261,14 @@ def build_vlm_chunks(model: ModelConfig, parallel: ParallelConfig, precision: Pr
     return [chunk]
 
 
-def vlm_forward(chunk, tokens: torch.Tensor, positions: torch.Tensor, vision: Optional[VisionInputs] = None, *,
+def vlm_forward(chunk, tokens: torch.Tensor, positions: torch.Tensor,
+                images: VisionInputs | Sequence[Optional[torch.Tensor]] | None = None, *,
                 labels: Optional[torch.Tensor] = None, inference_context=None) -> torch.Tensor:  # fmt: skip
-    """One forward of a (wrapped or bare) VLM chunk: logits ``[b, s, V/tp]`` on the last stage."""
-    return chunk(tokens, positions, None, labels=labels, inference_context=inference_context, vision=vision)
+    """One forward of a (wrapped or bare) VLM chunk: vocab-parallel logits ``[b, s, V/tp]`` on the
+    last stage (per-token loss with ``labels``), hidden states elsewhere. ``images``: packed
+    :class:`VisionInputs`, or one ``[n_r, 3, H, W]`` tensor (or None) per row of ``tokens``."""
+    if images is not None and not isinstance(images, VisionInputs):
+        rows = list(images)
+        shape = next((tuple(r.shape[1:]) for r in rows if r is not None), (3, 1, 1))
+        images = VisionInputs.from_rows(rows, shape)
+    return chunk(tokens, positions, None, labels=labels, inference_context=inference_context, vision=images)
