@@ -235,6 +235,15 @@ def resolve_row_media(sample: PromptSample, base: Path, vision: VisionConfig) ->
     sample.extra["video"] = {"frames": [frames[i] for i in keep], "fps": fps}
 
 
+def resolve_samples(samples: list[PromptSample], vision: VisionConfig, origin: str) -> list[PromptSample]:
+    """:func:`resolve_row_media` for samples made in memory (synthetic families): their errors
+    name ``origin`` and the sample's index; paths, if any, are relative to the working folder."""
+    for s in samples:
+        s.source = s.source or f"{origin} sample {s.index}"
+        resolve_row_media(s, Path("."), vision)
+    return samples
+
+
 def load_media(sample: PromptSample, vision: VisionConfig) -> Optional[Media]:
     """Decode and process ``sample``'s resolved media in placeholder order (None: a text prompt)."""
     where = sample.source or f"sample {sample.index}"

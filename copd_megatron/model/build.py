@@ -82,10 +82,15 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, precision: 
 
 
 def build_model_chunks(model: ModelConfig, parallel: ParallelConfig, precision: PrecisionConfig, config=None) -> list:
-    """This rank's ``GPTModel`` chunks (one per virtual pipeline stage), not yet wrapped."""
+    """This rank's ``GPTModel`` chunks (one per virtual pipeline stage), not yet wrapped; with
+    ``model.vision`` the vision-language model's chunk (``model/vlm.py``)."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
+    if model.vision is not None:
+        from copd_megatron.model.vlm import build_vlm_chunks
+
+        return build_vlm_chunks(model, parallel, precision, config)
     config = config or transformer_config(model, parallel, precision)
     spec = gpt_layer_spec(model, fp8=precision.fp8)
     vocab = padded_vocab_size(model.vocab_size, model.make_vocab_size_divisible_by, parallel.tp)

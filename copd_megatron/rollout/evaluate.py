@@ -24,7 +24,11 @@ def completions(engine, tokenizer, samples: list, params: SamplingParams, encode
     """Decoded completions (stop token removed) of ``samples`` in order."""
     if not samples:
         return []
-    batch = engine.generate([encode(tokenizer, s.prompt) for s in samples], params)
+    if hasattr(engine, "prepare"):  # an engine with media (vlm_engine): ids with placeholders + pixels
+        ids, media = engine.prepare(tokenizer, samples)
+        batch = engine.generate(ids, params, media)
+    else:
+        batch = engine.generate([encode(tokenizer, s.prompt) for s in samples], params)
     out = []
     for i in range(len(samples)):
         ids = batch.response_ids(i)

@@ -18,6 +18,8 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from copd_megatron.config.schema import VisionConfig
+from copd_megatron.data.media import encode_multimodal_prompt, load_media
+from copd_megatron.data.prompts import PromptSample
 from copd_megatron.model.vlm import VisionInputs
 from copd_megatron.rollout.engine import register_engine
 from copd_megatron.rollout.megatron_engine import MegatronEngine, _unwrap
@@ -58,6 +60,13 @@ class VLMEngine(MegatronEngine):
             return super().generate(prompts, params)
         finally:
             self._prompts, self._inputs = [], None
+
+    def prepare(self, tokenizer, samples: Sequence[PromptSample]) -> tuple[list[list[int]], list]:
+        """Prompt ids (placeholders expanded) and pixels of ``samples`` whose media are resolved
+        (``data.media.resolve_row_media``; rows without media are text prompts)."""
+        ids = [encode_multimodal_prompt(tokenizer, s, self.vision) for s in samples]
+        media = [load_media(s, self.vision) for s in samples]
+        return ids, [None if m is None else m.pixels for m in media]
 
     def _step_inputs(self, offset: int, length: int) -> dict:
         vi = self._inputs
