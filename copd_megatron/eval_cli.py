@@ -104,17 +104,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _evaluate(args, model_cfg, dtype, tok, sets, load_model) -> dict:
-    from copd_megatron.model.build import build_model_chunks
+    from copd_megatron.distributed.groups import shared_groups
+    from copd_megatron.model.provider import make_provider
     from copd_megatron.rollout.evaluate import evaluate
     from copd_megatron.rollout.megatron_engine import MegatronEngine
-    from copd_megatron.rollout.vlm_engine import VLMEngine
 
-    chunks = build_model_chunks(model_cfg, ParallelConfig(tp=args.tp, pp=args.pp), PrecisionConfig(params_dtype=dtype))
+    provider = make_provider(model_cfg, ParallelConfig(tp=args.tp, pp=args.pp), PrecisionConfig(params_dtype=dtype))
+    chunks = provider.build_chunks(shared_groups())
     load_model(chunks, args.checkpoint)
-    if model_cfg.vision is not None:
-        engine = VLMEngine(chunks[0], model_cfg.vocab_size, model_cfg.vision, tok.pad_id, tok.decode)
-    else:
-        engine = MegatronEngine(chunks[0], model_cfg.vocab_size, tok.pad_id, tok.decode)
+    engine = MegatronEngine(chunks[0], model_cfg.vocab_size, tok.pad_id, tok.decode, provider=provider)
     return evaluate(engine, tok, sets, max_new_tokens=args.max_new_tokens, stop=args.stop, samples=args.samples,
                     temperature=args.temperature, seed=args.seed)  # fmt: skip
 

@@ -73,6 +73,7 @@ def _model_section(args, tok) -> dict:
     if args.vision:
         ids = [tok.encode(marker) for marker in ("<image>", "<video>")]  # user-defined symbols: one id each
         model["seq_length"] = 160  # a 6-frame video is 96 placeholders at the tiny preset
+        model["arch"] = "llava"
         model["vision"] = {"preset": args.vision, "image_token_id": ids[0][0], "video_token_id": ids[1][0],
                            "video_fps": 1.0, "max_frames": 8}  # fmt: skip
     return model
@@ -86,7 +87,7 @@ def _batches(tok, cfg, samples, pad_id):
     mbs = cfg.parallel.micro_batch_size
     if cfg.model.vision is None:
         return sft_microbatches(tok, [sft_text(s) for s in samples], mbs, pad_id)
-    return sft_media_microbatches(tok, samples, [sft_text(s)[1] for s in samples], cfg.model.vision, mbs, pad_id)
+    return sft_media_microbatches(tok, samples, [sft_text(s)[1] for s in samples], mbs, pad_id)
 
 
 def _samples(cfg, family: str, n: int, level: int, seed: int) -> list:
@@ -104,10 +105,11 @@ def make_base(args) -> dict:
 
     from copd_megatron.checkpoint.dist_ckpt import save_model
     from copd_megatron.distributed.init import init_model_parallel, set_seed
-    from copd_megatron.model.build import build_model_chunks, transformer_config, wrap_and_optimize
+    from copd_megatron.distributed.groups import shared_groups
+    from copd_megatron.model.build import wrap_and_optimize
+    from copd_megatron.model.provider import make_provider
     from copd_megatron.rollout.evaluate import evaluate
     from copd_megatron.rollout.megatron_engine import MegatronEngine
-    from copd_megatron.rollout.vlm_engine import VLMEngine
     from copd_megatron.training.step import train_step
 
     out = Path(args.out)
@@ -124,9 +126,10 @@ def make_base(args) -> dict:
     layout = validate(cfg, torch.distributed.get_world_size())
     init_model_parallel(layout)
     set_seed(cfg.seed)
-    tcfg = transformer_config(cfg.model, cfg.parallel, cfg.precision)
-    chunks = build_model_chunks(cfg.model, cfg.parallel, cfg.precision, tcfg)
-    branch = wrap_and_optimize(chunks, tcfg, cfg.parallel, cfg.precision, cfg.optimizer, args.steps)
+    provider, groups = make_provider(cfg.model, cfg.parallel, cfg.precision), shared_groups()
+    chunks = provider.build_chunks(groups)
+    branch = wrap_and_optimize(chunks, provider.tcfg, cfg.parallel, cfg.precision, cfg.optimizer, args.steps, groups,
+                               provider)  # fmt: skip
     per_family = max(1, args.batch // len(args.families))
     pools = {f: _samples(cfg, f, per_family * args.steps, difficulty[f], args.seed) for f in args.families}
     for step in range(args.steps):
@@ -135,10 +138,8 @@ def make_base(args) -> dict:
         res = train_step(branch, _batches(tok, cfg, mine, tok.pad_id))
         if step % 25 == 0 or step == args.steps - 1:
             logger.info("sft step %d/%d | loss %.4f", step + 1, args.steps, res.loss)
-    if cfg.model.vision is None:
-        engine = MegatronEngine(branch.chunks[0], cfg.model.vocab_size, pad_id=tok.pad_id, decode=tok.decode)
-    else:
-        engine = VLMEngine(branch.chunks[0], cfg.model.vocab_size, cfg.model.vision, tok.pad_id, tok.decode)
+    engine = MegatronEngine(branch.chunks[0], cfg.model.vocab_size, pad_id=tok.pad_id, decode=tok.decode,
+                            provider=provider, groups=groups)  # fmt: skip
     held_out = {f: (_samples(cfg, f, args.eval_prompts, difficulty[f], args.seed + 999),
                     get_verifier(f"synthetic_{f}")) for f in args.families}  # fmt: skip
     scores = evaluate(engine, tok, held_out, max_new_tokens=12, stop=["\n"])

@@ -224,6 +224,7 @@ def resolve_row_media(sample: PromptSample, base: Path, vision: VisionConfig) ->
                          f"but the row has {len(images)} images and {0 if video is None else 1} video; "
                          f"expected one {IMAGE_MARKER} per image and one {VIDEO_MARKER} per video")  # fmt: skip
     sample.extra["images"] = [_resolve(e, base, f"{where}: image {i}") for i, e in enumerate(images)]
+    sample.vision = vision
     if video is None:
         return
     frames, fps = _video_refs(video, base, f"{where}: video")
@@ -286,6 +287,18 @@ def encode_multimodal_prompt(tokenizer, sample: PromptSample, vision: VisionConf
                                  f"id {sorted(reserved & set(encoded))}; those ids are reserved for images")  # fmt: skip
             ids += encoded
     return ids
+
+
+def prompt_inputs(tokenizer, sample: PromptSample) -> tuple[list[int], dict]:
+    """What a rollout request of ``sample`` carries: its prompt ids and its media. A sample whose
+    media were resolved for a vision model (``sample.vision``) gets placeholders expanded and
+    ``{"pixels": [n, 3, H, W]}``; any other sample is a text prompt (``encode_prompt``, ``{}``)."""
+    from copd_megatron.data.tokenizer import encode_prompt
+
+    if sample.vision is None:
+        return encode_prompt(tokenizer, sample.prompt), {}
+    media = load_media(sample, sample.vision)
+    return encode_multimodal_prompt(tokenizer, sample, sample.vision), ({} if media is None else {"pixels": media.pixels})
 
 
 def load_multimodal_prompts(path: str | Path, vision: VisionConfig, domain: str | None = None, *,

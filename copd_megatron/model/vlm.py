@@ -22,10 +22,15 @@ length the data path knows. We keep LLaVAModel itself (construction, ``freeze``,
 Pipeline parallelism: the ViT and the projector live with the embedding on the first stage;
 later stages receive hidden states ``[s, b, h]``. Tensor parallelism shards the ViT's heads and
 MLP and the projector's MLP like the language model's (the outputs are all-reduced, so every
-TP rank holds the same image vectors). Decoding feeds a window of positions ``offset..offset+s``;
-``VisionInputs.skip[r]`` says how many of row ``r``'s placeholders came before the window, so a
-window that reaches into a longer prompt still gets the right vectors, and the engine encodes
-the images once per ``generate`` call (``VisionInputs.embeddings``).
+TP rank holds the same image vectors).
+
+The provider (``model.arch: llava``) reads the batch's ragged ``media`` field: one dict per row,
+``{"pixels": [n, 3, H, W]}`` (its images and video frames in placeholder order, from
+``data/media.py``) or ``{}`` for a text row. KV-cached decoding feeds windows of positions
+``offset..offset+s``; the provider keeps, in the inference context, the image vectors (encoded
+once per sequence batch, at ``offset`` 0) and how many placeholders of each row earlier windows
+consumed (``VisionInputs.skip``), so a window that reaches into a longer prompt after the prefill
+still gets the right vectors. Placeholder ids are never sampled (``never_sample``).
 """
 
 from __future__ import annotations
@@ -38,6 +43,8 @@ import torch.nn.functional as F
 
 from copd_megatron.config.layout import padded_vocab_size
 from copd_megatron.config.schema import ModelConfig, ParallelConfig, PrecisionConfig, VisionConfig
+from copd_megatron.data.batch import MicroBatch
+from copd_megatron.model.provider import positions, register_provider, stage_flags, unwrap
 from copd_megatron.model.specs import gpt_layer_spec, projector_spec, use_transformer_engine, vision_norm, vit_layer_spec
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -224,51 +231,87 @@ def placeholder_index(is_ph: torch.Tensor, per_row: torch.Tensor, skip: Optional
     return (start[:, None] + skip[:, None] + rank)[is_ph]
 
 
-def build_vlm_chunks(model: ModelConfig, parallel: ParallelConfig, precision: PrecisionConfig, config=None) -> list:
-    """This rank's vision-language model chunk (one: virtual pipeline stages are refused by
-    validation), unwrapped; the vision tower / projector frozen as the config says."""
-    from megatron.core import parallel_state
+@register_provider("llava")
+class LLaVAProvider:
+    """Megatron-Core ``LLaVAModel`` (CLIP ViT + projector + GPTModel) as a model provider."""
 
-    from copd_megatron.model.build import transformer_config
+    fields: tuple[str, ...] = ("media",)
 
-    if model.vision is None:
-        raise ValueError("build_vlm_chunks needs model.vision")
-    config = config or transformer_config(model, parallel, precision)
-    cls = _llava_class()
-    chunk = cls(
-        vision=model.vision,
-        vision_config=vision_transformer_config(model, parallel, precision),
-        vision_spec=vit_layer_spec(model),
-        norm_impl=vision_norm(model),
-        projection_config_=projection_config(model, parallel, precision),
-        projection_spec=projector_spec(model),
-        language_transformer_config=config,
-        language_transformer_layer_spec=gpt_layer_spec(model, fp8=precision.fp8),
-        language_vocab_size=padded_vocab_size(model.vocab_size, model.make_vocab_size_divisible_by, parallel.tp),
-        language_max_sequence_length=model.seq_length,
-        parallel_output=True,
-        share_embeddings_and_output_weights=model.tie_embeddings,
-        language_position_embedding_type="rope",
-        language_rotary_percent=model.rotary_percent,
-        language_rotary_base=int(model.rotary_base),
-        language_rope_scaling=model.rope_scaling,
-        language_rope_scaling_factor=model.rope_scaling_factor,
-        pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=True),
-        post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=True),
-    )
-    chunk.freeze(freeze_language_model=False, freeze_vision_model=model.vision.freeze_vision,
-                 freeze_vision_projection=model.vision.freeze_projector)  # fmt: skip
-    return [chunk]
+    def __init__(self, model_cfg: ModelConfig, parallel: ParallelConfig, precision: PrecisionConfig, tcfg=None) -> None:
+        from copd_megatron.model.build import transformer_config
+
+        if model_cfg.vision is None:
+            raise ValueError("the llava provider needs model.vision")
+        self.model_cfg, self.parallel, self.precision = model_cfg, parallel, precision
+        self.tcfg = tcfg or transformer_config(model_cfg, parallel, precision)
+        v = model_cfg.vision
+        self.never_sample = tuple(sorted({v.image_token_id, v.video_id}))  # placeholder ids
+        self.image_shape = (3, v.image_height, v.image_width)
+
+    def build_chunks(self, groups) -> list:
+        """This rank's chunk (one: virtual pipeline stages are refused with model.vision)."""
+        m, p, prec = self.model_cfg, self.parallel, self.precision
+        pre, post = stage_flags(groups, None, None)
+        chunk = _llava_class()(
+            vision=m.vision,
+            vision_config=vision_transformer_config(m, p, prec),
+            vision_spec=vit_layer_spec(m),
+            norm_impl=vision_norm(m),
+            projection_config_=projection_config(m, p, prec),
+            projection_spec=projector_spec(m),
+            language_transformer_config=self.tcfg,
+            language_transformer_layer_spec=gpt_layer_spec(m, fp8=prec.fp8),
+            language_vocab_size=padded_vocab_size(m.vocab_size, m.make_vocab_size_divisible_by, p.tp),
+            language_max_sequence_length=m.seq_length,
+            parallel_output=True,
+            share_embeddings_and_output_weights=m.tie_embeddings,
+            language_position_embedding_type="rope",
+            language_rotary_percent=m.rotary_percent,
+            language_rotary_base=int(m.rotary_base),
+            language_rope_scaling=m.rope_scaling,
+            language_rope_scaling_factor=m.rope_scaling_factor,
+            pre_process=pre,
+            post_process=post,
+            pg_collection=groups.pg_collection,
+        )
+        chunk.freeze(freeze_language_model=False, freeze_vision_model=m.vision.freeze_vision,
+                     freeze_vision_projection=m.vision.freeze_projector)  # fmt: skip
+        return [chunk]
+
+    def forward(self, chunk, mb: MicroBatch, *, inference_context=None, with_labels: bool = False):
+        labels = mb.labels if with_labels else None
+        vision = self.vision_inputs(chunk, mb, inference_context)
+        return chunk(mb.tokens, positions(mb), None, labels=labels, inference_context=inference_context, vision=vision)
+
+    def vision_inputs(self, chunk, mb: MicroBatch, ctx) -> Optional[VisionInputs]:
+        """The micro-batch's images for the first stage (None elsewhere, or without images)."""
+        model = unwrap(chunk)
+        media = mb.fields.get("media")
+        if not model.pre_process or not media or not any(m and m.get("pixels") is not None for m in media):
+            return None
+        rows = [m.get("pixels") if m else None for m in media]
+        vi = VisionInputs.from_rows(rows, self.image_shape)
+        is_ph = torch.isin(mb.tokens, torch.tensor(self.never_sample, device=mb.tokens.device))
+        if ctx is None:  # whole rows, or (no KV cache) a prefix of them
+            return vi.window(torch.zeros_like(vi.counts))
+        state = getattr(ctx, "copd_vision", None)
+        if mb.offset == 0 or state is None:  # a new batch of sequences: encode its images once
+            state = {"embeddings": model.encode_images(vi.pixels) if vi.pixels.shape[0] else None,
+                     "seen": torch.zeros_like(vi.counts)}  # fmt: skip
+            ctx.copd_vision = state
+        out = VisionInputs(vi.pixels, vi.counts, state["seen"].clone(), state["embeddings"])
+        state["seen"] = state["seen"] + is_ph.sum(dim=1).cpu()
+        return out
 
 
-def vlm_forward(chunk, tokens: torch.Tensor, positions: torch.Tensor,
-                images: VisionInputs | Sequence[Optional[torch.Tensor]] | None = None, *,
-                labels: Optional[torch.Tensor] = None, inference_context=None) -> torch.Tensor:  # fmt: skip
-    """One forward of a (wrapped or bare) VLM chunk: vocab-parallel logits ``[b, s, V/tp]`` on the
-    last stage (per-token loss with ``labels``), hidden states elsewhere. ``images``: packed
-    :class:`VisionInputs`, or one ``[n_r, 3, H, W]`` tensor (or None) per row of ``tokens``."""
-    if images is not None and not isinstance(images, VisionInputs):
-        rows = list(images)
-        shape = next((tuple(r.shape[1:]) for r in rows if r is not None), (3, 1, 1))
-        images = VisionInputs.from_rows(rows, shape)
-    return chunk(tokens, positions, None, labels=labels, inference_context=inference_context, vision=images)
+def build_vlm_chunks(model: ModelConfig, parallel: ParallelConfig, precision: PrecisionConfig, config=None,
+                     groups=None) -> list:  # fmt: skip
+    """This rank's vision-language model chunk, unwrapped (``LLaVAProvider.build_chunks``)."""
+    from copd_megatron.distributed.groups import shared_groups
+
+    return LLaVAProvider(model, parallel, precision, config).build_chunks(groups or shared_groups())
+
+
+def media_field(rows: Sequence[Optional[torch.Tensor]]) -> list[dict]:
+    """The ragged ``media`` field of a batch from per-row pixels (None: a text row)."""
+    return [{} if r is None else {"pixels": r} for r in rows]

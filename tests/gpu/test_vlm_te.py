@@ -28,22 +28,23 @@ def _fit() -> dict:
     from test_vlm import _global_batch, _micro_batch
 
     from copd_megatron.config import config_from_dict, validate
+    from copd_megatron.distributed.groups import shared_groups
     from copd_megatron.distributed.init import init_model_parallel, set_seed
-    from copd_megatron.model.build import transformer_config, wrap_and_optimize
-    from copd_megatron.model.vlm import build_vlm_chunks
+    from copd_megatron.model.build import wrap_and_optimize
+    from copd_megatron.model.provider import make_provider
     from copd_megatron.training.step import train_step
 
     cfg = config_from_dict({
         "schedule": {"mode": "smoke"}, "precision": {"params_dtype": "bf16"}, "optimizer": {"lr": 3e-3},
-        "model": {"preset": "tiny", "vocab_size": 500, "seq_length": 64,
+        "model": {"preset": "tiny", "arch": "llava", "vocab_size": 500, "seq_length": 64,
                   "vision": {"preset": "tiny", "image_token_id": 7, "video_token_id": 8}},
     })  # fmt: skip
     init_model_parallel(validate(cfg, 1))
     set_seed(cfg.seed)
-    tcfg = transformer_config(cfg.model, cfg.parallel, cfg.precision)
-    chunks = build_vlm_chunks(cfg.model, cfg.parallel, cfg.precision, tcfg)
+    provider, groups = make_provider(cfg.model, cfg.parallel, cfg.precision), shared_groups()
+    chunks = provider.build_chunks(groups)
     kinds = {type(m).__name__ for m in chunks[0].vision_model.modules()}
-    branch = wrap_and_optimize(chunks, tcfg, cfg.parallel, cfg.precision, cfg.optimizer, 30)
+    branch = wrap_and_optimize(chunks, provider.tcfg, cfg.parallel, cfg.precision, cfg.optimizer, 30, groups, provider)
     tokens, mask, pixels = _global_batch()
     mbs = [_micro_batch(tokens[i : i + 2].cuda(), mask[i : i + 2].cuda(), [p if p is None else p.cuda() for p in
                                                                         pixels[i : i + 2]]) for i in range(0, 8, 2)]  # fmt: skip

@@ -174,7 +174,7 @@ def test_prompt_text_that_encodes_to_a_placeholder_is_refused(tmp_path):
 def _vlm_config(tmp_path: Path, data: Path) -> Path:
     cfg = {
         "tokenizer": str(tmp_path / "tok.model"),
-        "model": {"preset": "tiny", "vision": {"preset": "tiny", "image_token_id": 7}},
+        "model": {"preset": "tiny", "arch": "llava", "vision": {"preset": "tiny", "image_token_id": 7}},
         "branches": [{"name": "img", "data": str(data), "verifier": "exact_match"},
                      {"name": "txt", "data": "synthetic:count", "verifier": "synthetic_count"}],
     }  # fmt: skip

@@ -11,7 +11,7 @@ import pytest
 from copd_megatron.config import ConfigError, config_from_dict, config_hash, dump_config, load_config, validate
 
 SMOKE = {"schedule": {"mode": "smoke"}}
-VLM = {**SMOKE, "model": {"preset": "tiny", "vision": {"preset": "tiny", "image_token_id": 5}}}
+VLM = {**SMOKE, "model": {"preset": "tiny", "arch": "llava", "vision": {"preset": "tiny", "image_token_id": 5}}}
 
 
 def test_vision_preset_fills_fields_and_explicit_keys_win():
@@ -19,7 +19,7 @@ def test_vision_preset_fills_fields_and_explicit_keys_win():
     v = cfg.model.vision
     assert (v.num_layers, v.hidden_size, v.image_height, v.patch_size, v.freeze_vision) == (3, 64, 32, 8, True)
     assert v.tokens_per_image == 16 and v.video_id == 5  # video frames use the image id unless set
-    clip = config_from_dict({**SMOKE, "model": {"preset": "qwen2.5-7b",
+    clip = config_from_dict({**SMOKE, "model": {"preset": "qwen2.5-7b", "arch": "llava",
                                                  "vision": {"preset": "clip-vit-l-14-336", "image_token_id": 151655}}})
     assert clip.model.vision.tokens_per_image == 576 and clip.model.vision.activation == "quick_gelu"
     assert config_from_dict(SMOKE).model.vision is None  # text-only by default
@@ -37,6 +37,8 @@ def test_vision_preset_fills_fields_and_explicit_keys_win():
         (["model.vision.projector=conv"], "model.vision.projector: 'conv' is not allowed; expected one of 'mlp', 'affine'"),
         (["model.vision.num_layer=2"], "model.vision.num_layer: unknown key (did you mean 'num_layers'?)"),
         (["model.vision.video_fps=0"], "model.vision.video_fps: must be > 0 or null"),
+        (["model.arch=gpt"], "model.arch: 'gpt' has no vision tower; set model.arch: llava to use model.vision"),
+        (["model.vision=null"], "model.arch: 'llava' needs a model.vision section"),
     ],
 )  # fmt: skip
 def test_vision_field_errors_are_one_line(overrides, expected):
@@ -66,9 +68,10 @@ def test_layout_rules_for_the_vision_tower(overrides, world, expected):
 
 
 def test_text_config_hash_ignores_the_absent_vision_section():
+    from copd_megatron.config.load import _RESUMABLE
+
     cfg = load_config("configs/demo_cpu.yaml")
-    tree = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in {"parallel", "checkpoint", "logging",
-                                                                           "run_dir", "name"}}  # fmt: skip
+    tree = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _RESUMABLE}
     tree["model"].pop("vision")
     tree["schedule"].pop("train_steps")
     # The hash a text run had before model.vision existed: resumes of older runs stay allowed.
