@@ -218,6 +218,8 @@ def resolve_row_media(sample: PromptSample, base: Path, vision: VisionConfig) ->
     if len(images) > vision.max_images:
         raise MediaError(f"{where}: {len(images)} images; model.vision.max_images is {vision.max_images}")
     markers = _MARKERS.findall(sample.prompt)
+    if not images and video is None and not markers:
+        return  # a text prompt: left as it is (encoded like any text prompt)
     n_img, n_vid = markers.count(IMAGE_MARKER), markers.count(VIDEO_MARKER)
     if n_img != len(images) or n_vid != (0 if video is None else 1):
         raise MediaError(f"{where}: the prompt has {n_img} {IMAGE_MARKER} and {n_vid} {VIDEO_MARKER} placeholders "

@@ -167,6 +167,15 @@ def _llava_class():
             self.vision_projection = MultimodalProjector(
                 proj_config, proj_spec, vision.projector, vision_config.hidden_size, tp_group=self.pg_collection.tp
             )
+            # CLIPViTModel draws its class token and position embeddings from N(0, 1), which drowns a
+            # freshly initialised patch embedding (std ~0.1): every image then encodes alike and a model
+            # trained from scratch cannot see. OpenAI CLIP initialises both with std width^-0.5. Replicated
+            # on every TP rank (same seed), replaced by a checkpoint's values when one is loaded.
+            with torch.no_grad():
+                scale = vision_config.hidden_size**-0.5
+                self.vision_model.position_embeddings.weight.normal_(0.0, scale)
+                if self.vision_model.add_class_token:
+                    self.vision_model.class_token.normal_(0.0, scale)
 
         def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
             """Projected patch vectors ``[N · T, h]`` of ``pixels [N, 3, H, W]`` (first stage only)."""

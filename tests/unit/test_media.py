@@ -193,3 +193,36 @@ def test_cli_check_reports_a_missing_image_in_one_line(tmp_path):
     Image.fromarray(_rand_image(7)).save(tmp_path / "nope.png")
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 0 and "ok for world size 1" in r.stdout, r.stderr
+
+
+def test_prompt_inputs_of_text_and_image_samples(tmp_path):
+    from copd_megatron.data.media import prompt_inputs
+    from copd_megatron.data.prompts import PromptSample
+    from copd_megatron.data.tokenizer import encode_prompt
+
+    tok = CharTokenizer()
+    text = PromptSample("Q: 1+1=\nA:", "2", "arithmetic")
+    assert prompt_inputs(tok, text) == (encode_prompt(tok, text.prompt), {})
+    Image.fromarray(_rand_image(8)).save(tmp_path / "a.png")
+    (img,), _ = load_multimodal_prompts(_write_rows(tmp_path, [{"prompt": "<image>?", "answer": "1", "domain": "d",
+                                                                  "images": ["a.png"]}]), VISION)  # fmt: skip
+    ids, media = prompt_inputs(tok, img)
+    assert ids == [1] + [7] * VISION.tokens_per_image + tok.encode("?")
+    torch.testing.assert_close(media["pixels"], load_media(img, VISION).pixels)
+
+
+def test_sources_resolve_visual_families_and_refuse_them_without_vision():
+    from copd_megatron.config import ConfigError, config_from_dict
+    from copd_megatron.copd.sources import make_source
+
+    branches = [{"name": "img", "data": "synthetic:video_change", "verifier": "synthetic_video_change"},
+                {"name": "txt", "data": "synthetic:count", "verifier": "synthetic_count"}]  # fmt: skip
+    vlm = config_from_dict({"model": {"preset": "tiny", "arch": "llava", "vision": {"preset": "tiny", "image_token_id": 7,
+                            "video_token_id": 8, "max_frames": 6}}, "branches": branches, "tokenizer": "t"})  # fmt: skip
+    src = make_source(vlm, 0)
+    s = src.train[0]
+    assert s.vision is vlm.model.vision and len(s.extra["video"]["frames"]) >= 3
+    assert src.held_out[0].vision is vlm.model.vision and make_source(vlm, 1).train[0].vision is None
+    text = config_from_dict({"model": {"preset": "tiny"}, "branches": branches, "tokenizer": "t"})
+    with pytest.raises(ConfigError, match="branches.0.data: synthetic family 'video_change' has images; it needs"):
+        make_source(text, 0)
