@@ -128,3 +128,31 @@ def test_hub_run_resumes_after_sigkill_exactly_and_merges(vlm_base, tmp_path):
     assert set(table["merged"]) >= {"count", "shape_count", "video_motion"}
     assert table == json.loads((tmp_path / "full" / "eval.json").read_text())["table"]
     assert "| merged |" in out
+
+
+def _launch(base: Path, run_dir: Path, nproc: int, *extra: str) -> int:
+    token = uuid.uuid4().hex
+    env = {**os.environ, "COPD_TEST_SESSION": token, "OMP_NUM_THREADS": "1"}
+    env.pop("COPD_FAULT", None)
+    launcher = [sys.executable, "-m"] if nproc == 1 else [str(Path(sys.executable).parent / "torchrun"), "--standalone",
+                                                          f"--nproc-per-node={nproc}", "-m"]  # fmt: skip
+    cmd = [*launcher, "copd_megatron.cli", str(VLM), *_overrides(base, run_dir), *extra]
+    with open(run_dir.parent / f"{run_dir.name}.log", "w") as f:
+        try:
+            return subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=900).returncode
+        finally:
+            reap(token)
+
+
+@pytest.mark.slow  # three ranks on a 2-core machine: a few minutes
+def test_disjoint_placement_equals_colocated(vlm_base, tmp_path):
+    """Each branch on its own rank: media travel with the score requests between branches, and the
+    run equals the colocated one step by step."""
+    assert _launch(vlm_base, tmp_path / "colocated", 1, "rollout.prompts_per_step=6") == 0
+    assert _launch(vlm_base, tmp_path / "disjoint", 3, "rollout.prompts_per_step=6", "parallel.placement=disjoint") == 0
+    a, b = metrics(tmp_path / "colocated"), metrics(tmp_path / "disjoint")
+    assert len(a) == len(b) == 2
+    assert any("/cross/image/" in k for k in a[-1])  # the Phase II step scored image cross samples
+    for x, y in zip(a, b):
+        for k in (k for k in x if k.endswith(COMPARED)):
+            assert y[k] == pytest.approx(x[k], rel=1e-5, abs=1e-6), (x["step"], k)
