@@ -16,6 +16,7 @@ import time
 import torch
 
 from copd_megatron.checkpoint.manager import CheckpointManager, PreemptionFlag
+from copd_megatron.checkpoint.resume import resolve_load_dir
 from copd_megatron.config.layout import Layout
 from copd_megatron.config.load import config_hash
 from copd_megatron.config.schema import Config, ConfigError
@@ -34,17 +35,19 @@ def counting_batch(step: int, seed: int, batch: int, seq_len: int, vocab: int) -
 
 
 def resume_or_start(cfg: Config, manager: CheckpointManager, branches: dict) -> dict:
-    """Load the run state (and every branch) from ``checkpoint.load_dir``, or start fresh."""
-    if cfg.checkpoint.load_dir is None:
+    """Load the run state (and every branch) from ``checkpoint.load_dir`` (``auto``: the run's own
+    newest complete checkpoint, if any), or start fresh."""
+    load_dir = resolve_load_dir(cfg.checkpoint.load_dir, manager.save_dir)
+    if load_dir is None:
         return {"step": 0, "config_hash": config_hash(cfg)}
-    state = manager.read_run_state(cfg.checkpoint.load_dir)
+    state = manager.read_run_state(load_dir)
     if state.get("config_hash") != config_hash(cfg):
         raise ConfigError(
-            f"checkpoint.load_dir: {cfg.checkpoint.load_dir} was written by a different experiment config "
+            f"checkpoint.load_dir: {load_dir} was written by a different experiment config "
             f"(hash {state.get('config_hash')} != {config_hash(cfg)}); only parallel/checkpoint/logging and "
-            "schedule.train_steps may change on resume"
+            "schedule.train_steps may change on resume (for a new experiment, use a new run_dir)"
         )
-    return manager.load(cfg.checkpoint.load_dir, branches)
+    return manager.load(load_dir, branches)
 
 
 def make_manager(cfg: Config) -> CheckpointManager:
