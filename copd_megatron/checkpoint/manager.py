@@ -20,12 +20,14 @@ derives its sampling seeds from (seed, branch, step), so results do not depend o
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
 import shutil
 import signal
+import threading
 from pathlib import Path
 
 import torch
@@ -195,13 +197,55 @@ def load_branch(branch, ckpt_dir: Path, fully_parallel: bool = False) -> None:
         torch.set_rng_state(state["rng"]["cpu"])
 
 
-class PreemptionFlag:
-    """Set by SIGTERM / SIGUSR1 (what Slurm sends before a time limit); checked between steps."""
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
-    def __init__(self, signals=(signal.SIGTERM, signal.SIGUSR1)) -> None:
+
+@contextlib.contextmanager
+def children_ignore(signals=PREEMPTION_SIGNALS):
+    """Processes started inside this block ignore ``signals``; this process keeps its handlers.
+
+    Slurm delivers a job-step signal (``--signal``, ``scancel --signal``, the time limit's
+    SIGTERM) to *every* process of the step, not only to the ranks. Megatron's checkpoint writer
+    talks to a helper process (a ``multiprocessing`` manager started with ``spawn``, which resets
+    handled signals to their default action: terminate); killed by the preemption signal, it
+    breaks the very save that signal asks for. An ignored disposition survives ``exec``, so the
+    helper is started with the signals ignored. Meanwhile they are blocked here, so one that
+    arrives for this process is held and delivered afterwards, not lost (Linux keeps blocked
+    signals pending even while their action is "ignore").
+    """
+    if threading.current_thread() is not threading.main_thread():  # signal() works in the main thread only
+        yield
+        return
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    old = {s: signal.signal(s, signal.SIG_IGN) for s in signals}
+    try:
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+
+
+def start_checkpoint_helpers() -> None:
+    """Start Megatron's checkpoint-writer helper now, immune to the preemption signals (see
+    :func:`children_ignore`); later saves reuse it."""
+    from megatron.core.dist_checkpointing.strategies.filesystem_async import get_write_results_queue
+
+    with children_ignore():
+        get_write_results_queue()
+
+
+class PreemptionFlag:
+    """Set by SIGTERM / SIGUSR1 (what Slurm sends before a time limit); checked between steps.
+
+    Also starts the checkpoint-writer helper with those signals ignored, so that the save they
+    trigger can complete when Slurm signals every process of the job step."""
+
+    def __init__(self, signals=PREEMPTION_SIGNALS) -> None:
         self.received: int | None = None
         for sig in signals:
             signal.signal(sig, self._handler)
+        start_checkpoint_helpers()
 
     def _handler(self, signum, frame) -> None:
         self.received = signum
