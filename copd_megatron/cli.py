@@ -52,10 +52,9 @@ def _run(cfg, layout, env) -> int:
         init_model_parallel,
         set_seed,
     )
+    from copd_megatron.distributed.rendezvous import RendezvousError
     from copd_megatron.trainer import run_recipe, run_smoke
     from copd_megatron.utils.logging import setup_logging
-
-    from copd_megatron.distributed.rendezvous import RendezvousError
 
     setup_logging(cfg.logging.level, env.rank)
     try:

@@ -118,7 +118,8 @@ def build_command(args) -> tuple[str, list[str]]:
     notes = [f"ok: world size {world} = tp {layout.tp} x pp {layout.pp} x cp {layout.cp} x dp {layout.dp}; "
              f"run_dir {cfg.run_dir}"]  # fmt: skip
     if cfg.checkpoint.load_dir != "auto":
-        notes.append(f"note: checkpoint.load_dir is {cfg.checkpoint.load_dir!r}, not 'auto': a requeued job starts "
+        shown = "null" if cfg.checkpoint.load_dir is None else repr(cfg.checkpoint.load_dir)
+        notes.append(f"note: checkpoint.load_dir is {shown}, not 'auto': a requeued job starts "
                      "from there again, not from its own newest checkpoint")  # fmt: skip
     if not cfg.checkpoint.save_interval:
         notes.append("note: checkpoint.save_interval is 0: a crash (not a time limit) loses everything since the start")

@@ -42,6 +42,18 @@ def latest_complete(save_dir: str | Path) -> Path | None:
     return done[-1][1] if done else None
 
 
+def _same_on_every_rank(found: Path | None) -> Path | None:
+    """Rank 0's answer everywhere: on a shared file system another node's directory listing can
+    lag behind (attribute caches), and ranks resuming different iterations would corrupt the run."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return found
+    box = [None if found is None else str(found)]
+    dist.broadcast_object_list(box, src=0)
+    return None if box[0] is None else Path(box[0])
+
+
 def resolve_load_dir(load_dir: str | None, save_dir: str | Path) -> str | Path | None:
     """What to resume from (a path for ``CheckpointManager.load``), or None for a fresh start.
 
@@ -56,7 +68,7 @@ def resolve_load_dir(load_dir: str | None, save_dir: str | Path) -> str | Path |
     if load_dir != AUTO:
         logger.info("resuming from checkpoint.load_dir=%s%s", load_dir, job)
         return load_dir
-    found = latest_complete(save_dir)
+    found = _same_on_every_rank(latest_complete(save_dir))
     if found is None:
         stale = [p.name for p in Path(save_dir).glob("iter_*")] if Path(save_dir).is_dir() else []
         note = f"; ignoring {len(stale)} incomplete checkpoint dir(s)" if stale else ""

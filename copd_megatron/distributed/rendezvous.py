@@ -5,9 +5,9 @@ blocks until the collective timeout, then prints a C++ stack), so an exported
 ``WORLD_SIZE=2 RANK=0`` without a launcher, a node that cannot reach the master, or a crashed
 rank 0 all look like a hang. Here:
 
-1. rank 0 opens the key-value store (``torch.distributed.TCPStore``) on the master port; the
-   other ranks probe ``MASTER_ADDR:MASTER_PORT`` with plain sockets (quiet, interruptible)
-   until it answers, then connect;
+1. rank 0 opens the key-value store (``torch.distributed.TCPStore``) on the master port (under
+   torchrun the agent already serves it there); the other ranks probe ``MASTER_ADDR:MASTER_PORT``
+   with plain sockets (quiet, unlike the store's own retries) until it answers, then connect;
 2. every rank adds itself to a counter in the store and waits until it reaches the world size;
 3. the store is handed to ``init_process_group``.
 

@@ -30,7 +30,7 @@ export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
 # The ranks meet at the first node of the allocation on port 10000 + job id mod 20000. When
 # the node's host name resolves to an interface the other nodes cannot reach (a management
 # network), name the right one, e.g. its InfiniBand address; a firewalled port can be moved.
-# export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)-ib
+# export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | awk 'NR == 1')-ib
 # export MASTER_PORT=29500
 # A run that does not start reports which ranks are missing after parallel.rendezvous_timeout_s
 # (600 s by default); lower it to fail faster while debugging a new cluster.

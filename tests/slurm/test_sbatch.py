@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
 import subprocess
 import sys
 import time
@@ -148,3 +147,15 @@ def _assert_same_state(a: Path, b: Path) -> None:
         if isinstance(v, torch.Tensor):
             assert torch.equal(v, tb[k]), k
     assert ca["scheduler"]["num_steps"] == cb["scheduler"]["num_steps"]
+
+
+def test_missing_python_is_one_line_in_the_job_log(slurm, tmp_path):
+    """No activated environment is relied on: a wrong COPD_PYTHON fails at once, saying what to set."""
+    log = tmp_path / "job.out"
+    env = {**_env(uuid.uuid4().hex), "COPD_PYTHON": str(tmp_path / "no-venv" / "python")}
+    job = slurm.sbatch([*CPU, f"--output={log}", "examples/slurm/train.sbatch", *RUN], env=env, cwd=ROOT)
+    info = slurm.wait(job, {"FAILED"}, 120)
+    assert info["ExitCode"] == "2:0" and info["Restarts"] == "0", info
+    errors = [line for line in _text(log).splitlines() if "error" in line]
+    assert errors == [f"train.sbatch: error: {tmp_path}/no-venv/python is not an executable Python; submit from the "
+                      "repository root (where 'make' created .venv) or set COPD_PYTHON=/path/to/venv/bin/python"], errors

@@ -66,7 +66,7 @@ def test_impossible_requests_are_refused_before_submission(capsys, argv, expecte
 def test_notes_when_a_requeued_job_would_not_resume_its_own_checkpoints(capsys):
     assert main(["configs/smoke_cpu.yaml", "checkpoint.load_dir=null", "checkpoint.save_interval=100"]) == 0
     err = capsys.readouterr().err
-    assert "checkpoint.load_dir is None, not 'auto'" in err and "save_interval" not in err
+    assert "checkpoint.load_dir is null, not 'auto'" in err and "save_interval" not in err
 
 
 def test_slurm_time_formats():
