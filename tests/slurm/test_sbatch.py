@@ -10,8 +10,9 @@
    ``checkpoint.load_dir: auto`` resumes it from step 3 without any edit. Its losses and final
    weights and Adam moments are bitwise those of run 1, which was never interrupted.
 
-The cluster's CPUs come from ``nproc`` (2 on CI); each allocation starts two Python ranks, so
-the tier costs about one to three minutes. Every wait has a timeout.
+The cluster's CPUs come from ``nproc`` (2 on CI). The tier runs three allocations of two Python
+ranks each and one requeue (Slurm holds a requeued job for ``cred_expire``, 10 s here); most
+of its time is the ranks' start-up. Every wait has a timeout.
 """
 
 from __future__ import annotations
