@@ -20,12 +20,14 @@ derives its sampling seeds from (seed, branch, step), so results do not depend o
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
 import shutil
 import signal
+import threading
 from pathlib import Path
 
 import torch
@@ -241,13 +243,59 @@ def load_branch(branch, ckpt_dir: Path, fully_parallel: bool = False) -> None:
         _set_rng_state(state["rng"])
 
 
-class PreemptionFlag:
-    """Set by SIGTERM / SIGUSR1 (what Slurm sends before a time limit); checked between steps."""
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
-    def __init__(self, signals=(signal.SIGTERM, signal.SIGUSR1)) -> None:
+
+@contextlib.contextmanager
+def children_block(signals=PREEMPTION_SIGNALS):
+    """Processes started inside this block never receive ``signals``; this process still does.
+
+    Slurm delivers a job-step signal (``--signal``, ``scancel --signal``, the time limit's
+    SIGTERM) to *every* process of the step, not only to the ranks. Megatron's checkpoint writer
+    talks to a helper process (a ``multiprocessing`` manager started with ``spawn``, which resets
+    handled signals to their default action: terminate); killed by the preemption signal, it
+    breaks the very save that signal asks for. The signal mask survives ``fork`` and ``exec``, so
+    a helper started while the main thread blocks the signals keeps them blocked for life (pending,
+    never acted on; SIGKILL still ends it). This process loses nothing: the mask is per thread,
+    so the kernel hands the signal to another thread, or holds it until the block ends, and
+    Python runs the handler in the main thread either way.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    try:
+        # CPython starts its resource tracker on the first spawn and unblocks SIGINT/SIGTERM in
+        # the calling thread afterwards: start it now (it inherits the block), then block again.
+        from multiprocessing import resource_tracker
+
+        resource_tracker.ensure_running()
+        signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+
+
+def start_checkpoint_helpers() -> None:
+    """Start Megatron's checkpoint-writer helper now, deaf to the preemption signals (see
+    :func:`children_block`); later saves reuse it."""
+    from megatron.core.dist_checkpointing.strategies.filesystem_async import get_write_results_queue
+
+    with children_block():
+        get_write_results_queue()
+
+
+class PreemptionFlag:
+    """Set by SIGTERM / SIGUSR1 (what Slurm sends before a time limit); checked between steps.
+
+    Also starts the checkpoint-writer helper with those signals blocked, so that the save they
+    trigger can complete when Slurm signals every process of the job step."""
+
+    def __init__(self, signals=PREEMPTION_SIGNALS) -> None:
         self.received: int | None = None
         for sig in signals:
             signal.signal(sig, self._handler)
+        start_checkpoint_helpers()
 
     def _handler(self, signum, frame) -> None:
         self.received = signum
