@@ -150,20 +150,22 @@ def _load_strategy(ckpt_dir: Path, fully_parallel: bool, groups=None):
 
 def save_branch(
     branch, ckpt_dir: Path, model_cfg=None, params_dtype: str | None = None, async_save: bool = False,
-    fully_parallel: bool = True, scheduler_state: dict | None = None,
+    fully_parallel: bool = True, common_state: dict | None = None, state: dict | None = None,
 ):  # fmt: skip
     """Save one branch (collective over the world). Returns a megatron AsyncRequest when ``async_save``.
 
     ``branch=None``: this rank does not hold the branch (disjoint placement) and takes part with no
-    shards; ``scheduler_state`` (the branch's, shared by its ranks) keeps the common part identical
-    on every rank, so rank 0 writes it whichever branch it holds."""
+    shards; ``common_state`` (the non-tensor part of the branch's state: optimizer param groups,
+    LR scheduler, shared by its ranks) keeps the common part identical on every rank, so rank 0
+    writes it whichever branch it holds. ``state``: the branch's sharded state if already built."""
     from megatron.core import dist_checkpointing
 
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     if branch is None:
-        state, strategy = {"scheduler": scheduler_state}, _save_strategy(False)
+        state, strategy = common_state, _save_strategy(False)
     else:
-        state, strategy = _branch_sharded_state(branch, is_loading=False), _save_strategy(fully_parallel, _groups(branch))
+        state = state if state is not None else _branch_sharded_state(branch, is_loading=False)
+        strategy = _save_strategy(fully_parallel, _groups(branch))
     req = dist_checkpointing.save(state, str(ckpt_dir), sharded_strategy=strategy, async_sharded_save=async_save,
                                   async_strategy="mcore")  # fmt: skip
     if branch is not None and _rank() == (_groups(branch).ranks or [0])[0]:  # the branch's first rank
@@ -340,13 +342,18 @@ class CheckpointManager:
             dist.barrier()
         requests = []
         for name, b in branches.items():
-            sched = b.scheduler.state_dict() if b is not None else None
+            state = _branch_sharded_state(b, is_loading=False) if b is not None else None
+            common = None
             if owners is not None and dist.is_initialized():
-                box = [sched]
-                dist.broadcast_object_list(box, src=owners[name][0])  # identical common state everywhere
-                sched = box[0]
+                from megatron.core.dist_checkpointing.utils import extract_sharded_base
+
+                # The non-tensor part (optimizer param groups, scheduler) from the branch's first rank
+                # to every rank: rank 0 writes it whichever branch it holds.
+                box = [extract_sharded_base(state)[1] if b is not None else None]
+                dist.broadcast_object_list(box, src=owners[name][0])
+                common = box[0]
             requests.append(save_branch(b, it_dir / name, model_cfg, params_dtype, self.async_save,
-                                        self.fully_parallel_save, scheduler_state=sched))  # fmt: skip
+                                        self.fully_parallel_save, common_state=common, state=state))  # fmt: skip
         # Snapshot now: with async saves the caller's run state moves on before finalize runs.
         snapshot = json.dumps({**run_state, "iteration": iteration}, indent=1)
 
