@@ -190,3 +190,88 @@ def test_vllm_matches_megatron_and_the_trainer_and_syncs_after_an_update():
     assert "partial weight update was refused" in errors["generate after partial"]
     assert "unknown tensor" in errors["unknown"] and "upp_proj" in errors["unknown"]
     torch.testing.assert_close(errors["healed"], sync["after"], rtol=0, atol=ATOL)
+
+
+def _shared_two_branches() -> dict:
+    """Two branches, one shared vLLM instance: weights are swapped in when the other branch generates."""
+    from copd_megatron.rollout.engine import build_engine
+    from copd_megatron.rollout.megatron_engine import MegatronEngine
+    from copd_megatron.rollout.types import SamplingParams
+
+    cfg, a = _setup(1, seed=7)
+    b = __import__("copd_megatron.model.build", fromlist=["build_branch"]).build_branch(
+        cfg.model, cfg.parallel, cfg.precision, cfg.optimizer, 10)  # a second branch, other random weights
+    ctx_a, ctx_b = _context(cfg, a, share_across_branches=True), _context(cfg, b, share_across_branches=True)
+    ea, eb = build_engine("vllm", ctx_a), build_engine("vllm", ctx_b)
+    greedy = SamplingParams(max_new_tokens=10, greedy=True)
+    native = lambda br: MegatronEngine(br.chunks[0], 500, pad_id=0).generate(PROMPTS, greedy)  # noqa: E731
+    out = {"same_instance": ea.slot is eb.slot}
+    out["a"] = (ea.generate(PROMPTS, greedy), native(a))
+    out["b"] = (eb.generate(PROMPTS, greedy), native(b))  # swap: B's weights streamed in
+    rollouts = ea.generate(PROMPTS * 2, SamplingParams(max_new_tokens=8, seed=3))  # swap back to A
+    loads_before = len(ea.sync_seconds)
+    _grpo_update(cfg, a, rollouts)
+    ea.update_weights(ctx_a.export_weights(), 1)  # A is loaded (it just generated): streamed at once
+    out["a_loaded_now"] = len(ea.sync_seconds) - loads_before
+    eb.generate(PROMPTS, greedy)  # swap to B
+    # Rollouts for A's next update from the Megatron engine, so that B stays loaded in vLLM.
+    _grpo_update(cfg, a, MegatronEngine(a.chunks[0], 500).generate(PROMPTS * 2, SamplingParams(max_new_tokens=8, seed=4)))
+    loads_before = len(ea.sync_seconds)
+    ea.update_weights(ctx_a.export_weights(), 2)  # B is loaded: deferred
+    out["a_deferred"] = len(ea.sync_seconds) - loads_before
+    out["a_after"] = (ea.generate(PROMPTS, greedy), native(a), ea.weight_version)
+    ea.close()
+    eb.close()
+    return out
+
+
+def test_one_vllm_instance_shared_by_two_branches_swaps_their_weights():
+    out = run_distributed(_shared_two_branches, 1, timeout=420)[0]
+    assert out["same_instance"]
+    for key in ("a", "b"):
+        v, m = out[key]
+        assert torch.equal(v.tokens, m.tokens), f"branch {key}: vLLM (shared) differs from its Megatron engine"
+        torch.testing.assert_close(v.logprobs, m.logprobs, rtol=0, atol=ATOL)
+    assert not torch.equal(out["a"][0].tokens, out["b"][0].tokens), "the two branches must differ"
+    assert out["a_loaded_now"] == 1 and out["a_deferred"] == 0
+    v, m, version = out["a_after"]
+    assert torch.equal(v.tokens, m.tokens) and version == 2 and v.weight_version == 2
+    torch.testing.assert_close(v.logprobs, m.logprobs, rtol=0, atol=ATOL)
+
+
+def _tp2() -> dict:
+    """Two trainer ranks at TP=2: one vLLM on rank 0 fed by the gathered shards, batches broadcast."""
+    from copd_megatron.rollout.engine import build_engine
+    from copd_megatron.rollout.megatron_engine import MegatronEngine
+    from copd_megatron.rollout.types import SamplingParams
+    from copd_megatron.training.parity import parity_check, trainer_logprobs
+
+    cfg, branch = _setup(2)
+    ctx = _context(cfg, branch)
+    engine = build_engine("vllm", ctx)
+    greedy = SamplingParams(max_new_tokens=10, greedy=True)
+    out = {"has_llm": engine.slot.llm is not None}
+    out["greedy"] = (engine.generate(PROMPTS, greedy), MegatronEngine(branch.chunks[0], 500).generate(PROMPTS, greedy))
+    out["parity"] = parity_check(engine, branch.chunks, PROMPTS * 2, SamplingParams(max_new_tokens=12, temperature=1.0),
+                                 vocab_size=500, micro_batch_size=2, warn=ATOL)  # fmt: skip
+    _grpo_update(cfg, branch, engine.generate(PROMPTS * 2, SamplingParams(max_new_tokens=8, seed=2)))
+    engine.update_weights(ctx.export_weights(), 1)
+    sampled = engine.generate(PROMPTS * 2, SamplingParams(max_new_tokens=12, temperature=1.0, seed=5))
+    out["synced"] = (sampled, trainer_logprobs(branch.chunks, sampled, temperature=1.0, vocab_size=500,
+                                               micro_batch_size=2))  # fmt: skip
+    engine.close()
+    return out
+
+
+def test_tp2_trainer_ranks_sync_gathered_shards_into_one_engine():
+    ranks = run_distributed(_tp2, 2, timeout=420)
+    assert [r["has_llm"] for r in ranks] == [True, False], "one engine per model-parallel group, on its first rank"
+    for r in ranks:
+        v, m = r["greedy"]
+        assert torch.equal(v.tokens, m.tokens), "vLLM fed from TP=2 shards differs from the TP=2 Megatron engine"
+        torch.testing.assert_close(v.logprobs, m.logprobs, rtol=0, atol=ATOL)
+        assert r["parity"]["logp_abs_diff_max"] < ATOL, r["parity"]
+        sampled, trainer = r["synced"]
+        torch.testing.assert_close(sampled.logprobs, trainer, rtol=0, atol=ATOL)
+        assert sampled.weight_version == 1
+    assert torch.equal(ranks[0]["synced"][0].tokens, ranks[1]["synced"][0].tokens), "ranks got different batches"
