@@ -37,8 +37,9 @@ def validate(cfg: Config, world_size: int, *, cuda_available: bool | None = None
         )
     if cfg.parallel.backend == "nccl" and not cuda_available:
         raise ConfigError("parallel.backend: 'nccl' needs CUDA; use 'auto' or 'gloo' on this machine")
-    if cfg.rollout.engine == "vllm":  # accepted by the schema so configs can name it; refused, never ignored
-        raise ConfigError("rollout.engine: 'vllm' is not available in this version; use 'megatron'")
+    if cfg.rollout.engine == "vllm":  # refused, never silently replaced by the Megatron engine
+        raise ConfigError("rollout.engine: 'vllm' is not run by this trainer yet (the engine exists: "
+                          "copd_megatron/rollout/vllm_engine.py); use 'megatron'")  # fmt: skip
     if cfg.optimizer.name != "adam" and cfg.parallel.use_distributed_optimizer:
         raise ConfigError(
             f"optimizer.name: {cfg.optimizer.name!r} is not supported by Megatron's distributed optimizer; "

@@ -59,3 +59,18 @@ def test_mismatch_metrics_hand_computed():
     same = mismatch_metrics(OLD, OLD, MASK)
     assert same["logp_abs_diff"] == 0 and same["k3_kl"] == 0 and same["prob_ratio_err"] == 1.0
     assert mismatch_metrics(OLD, ROLL, torch.zeros_like(MASK)) == {}
+
+
+def test_rollout_is_and_vllm_fields_are_validated():
+    from copd_megatron.config import config_from_dict
+    from copd_megatron.config.schema import ConfigError
+
+    cfg = config_from_dict({"schedule": {"mode": "smoke"}, "loss": {"rollout_is": "mis", "rollout_is_level": "geometric"},
+                            "rollout": {"vllm": {"share_across_branches": True, "sleep_level": 2}}})  # fmt: skip
+    assert cfg.loss.rollout_is == "mis" and cfg.rollout.vllm.share_across_branches and cfg.rollout.vllm.sleep_level == 2
+    for bad, key in ((({"loss": {"rollout_is_cap": 0.5}}), "loss.rollout_is_cap"),
+                     (({"rollout": {"vllm": {"sleep_level": 3}}}), "rollout.vllm.sleep_level"),
+                     (({"rollout": {"vllm": {"kv_cache": 1}}}), "rollout.vllm.kv_cache"),
+                     (({"loss": {"rollout_is": "clip"}}), "loss.rollout_is")):  # fmt: skip
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            config_from_dict({"schedule": {"mode": "smoke"}, **bad})
