@@ -43,15 +43,6 @@ def _model_cfg(size: str, seq: int) -> dict:
             "init_method_std": 0.05}  # fmt: skip
 
 
-def _best(fn, repeats: int) -> tuple[float, object]:
-    best, out = float("inf"), None
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t0)
-    return best, out
-
-
 def _hf_model(cfg, tensors: dict):
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -98,15 +89,7 @@ def _bench(size: str, engines: list[str], batch: int, prompt_len: int, new_token
     prompts = torch.randint(3, cfg.model.vocab_size, (batch, prompt_len), generator=g).tolist()
     greedy, first = SamplingParams(max_new_tokens=new_tokens, greedy=True), SamplingParams(max_new_tokens=1, greedy=True)
     params = sum(p.numel() for c in chunks for p in c.parameters())
-    rows, reference = [], None
-
-    def row(name: str, gen, tokens_of, **extra) -> None:
-        gen(first)  # warm-up
-        ttft, _ = _best(lambda: gen(first), repeats)
-        seconds, out = _best(lambda: gen(greedy), repeats)
-        rows.append({"size": size, "params_m": params / 1e6, "engine": name, "tokens_per_s": batch * new_tokens / seconds,
-                     "ttft_s": ttft, "tokens": tokens_of(out), **extra})  # fmt: skip
-
+    runs: dict[str, tuple] = {}  # engine name -> (generate(params), tokens of its output, extra columns)
     if "hf" in engines:
         model = _hf_model(cfg, dict(export()))
         ids = torch.tensor(prompts)
@@ -116,27 +99,45 @@ def _bench(size: str, engines: list[str], batch: int, prompt_len: int, new_token
                 return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=p.max_new_tokens,
                                       min_new_tokens=p.max_new_tokens, do_sample=False, pad_token_id=0)  # fmt: skip
 
-        row("transformers generate", hf_gen, lambda out: out[:, prompt_len:])
-        reference = rows[-1]["tokens"]
-        del model
+        runs["transformers generate"] = (hf_gen, lambda out: out[:, prompt_len:], {})
     for name, kv in (("megatron", True), ("megatron-nokv", False)):
         if name in engines:
-            engine = MegatronEngine(chunks[0], cfg.model.vocab_size, use_kv_cache=kv)
-            row(f"Megatron engine{'' if kv else ' (no KV cache)'}", lambda p: engine.generate(prompts, p),
-                lambda b: b.tokens[:, prompt_len:])  # fmt: skip
+            engine_m = MegatronEngine(chunks[0], cfg.model.vocab_size, use_kv_cache=kv)
+            runs[f"Megatron engine{'' if kv else ' (no KV cache)'}"] = (
+                lambda p, e=engine_m: e.generate(prompts, p), lambda b: b.tokens[:, prompt_len:], {})
+    vllm_engine = None
     if "vllm" in engines:
         from copd_megatron.rollout.engine import EngineContext, build_engine
 
         t0 = time.perf_counter()
         ctx = EngineContext(cfg.model, cfg.rollout, chunks, None, SimpleNamespace(pad_id=0), groups, export)
-        engine = build_engine("vllm", ctx)
-        start = time.perf_counter() - t0
-        row("vLLM (CPU build)", lambda p: engine.generate(prompts, p), lambda b: b.tokens[:, prompt_len:],
-            start_s=start, rss_mb=_rss_mb_of_children())  # fmt: skip
+        vllm_engine = build_engine("vllm", ctx)
+        extra = {"start_s": time.perf_counter() - t0, "rss_mb": _rss_mb_of_children()}
+        runs["vLLM (CPU build)"] = (lambda p: vllm_engine.generate(prompts, p), lambda b: b.tokens[:, prompt_len:], extra)
+    # Interleaved repeats (engine A, B, C, A, B, C, ...) so that a burst of load from other jobs on
+    # the machine hits every engine alike; the best time of each is reported.
+    best = {name: [float("inf"), float("inf"), None] for name in runs}
+    for name, (gen, _, _) in runs.items():
+        gen(first)  # warm-up
+    for _ in range(repeats):
+        for name, (gen, _, _) in runs.items():
+            for i, p in enumerate((first, greedy)):
+                t0 = time.perf_counter()
+                out = gen(p)
+                best[name][i] = min(best[name][i], time.perf_counter() - t0)
+            best[name][2] = out
+    rows, reference = [], None
+    for name, (gen, tokens_of, extra) in runs.items():
+        ttft, seconds, out = best[name]
+        rows.append({"size": size, "params_m": params / 1e6, "engine": name, "tokens_per_s": batch * new_tokens / seconds,
+                     "ttft_s": ttft, "tokens": tokens_of(out), **extra})  # fmt: skip
+        if name == "transformers generate":
+            reference = rows[-1]["tokens"]
+    if vllm_engine is not None:
         for v in range(1, syncs + 1):
-            engine.update_weights(export(), v)
-        rows[-1]["sync_s"] = sum(engine.sync_seconds) / len(engine.sync_seconds)
-        engine.close()
+            vllm_engine.update_weights(export(), v)
+        rows[-1]["sync_s"] = sum(vllm_engine.sync_seconds) / len(vllm_engine.sync_seconds)
+        vllm_engine.close()
     for r in rows:
         r["same"] = "-" if reference is None else ("yes" if torch.equal(r.pop("tokens"), reference) else "no")
         r.pop("tokens", None)

@@ -157,14 +157,25 @@ class MegatronEngine:
             # Hidden states of the previous stage for these positions ([s, n, h], Megatron's layout).
             dist.recv(recv, src=ps.get_pipeline_model_parallel_prev_rank())
             model.set_input_tensor(recv)
-        out = self.model(tokens, positions, None, inference_context=ctx)
+        gathered = ctx is not None
+        if gathered:
+            # Megatron's inference mode makes the model apply the output layer to the last position
+            # only (StaticInferenceContext materialises only last-token logits): the prefill then
+            # costs [n, V] logits instead of [n, s, V], the largest matmul for a big vocabulary.
+            # The model all-gathers those logits over TP itself (runtime_gather_output).
+            from megatron.core.inference.utils import InferenceMode
+
+            with InferenceMode.active():
+                out = self.model(tokens, positions, None, inference_context=ctx, runtime_gather_output=True)
+        else:
+            out = self.model(tokens, positions, None, inference_context=ctx)
         if ctx is not None:
             ctx.sequence_len_offset += s
         if not ps.is_pipeline_last_stage(ignore_virtual=True):
             dist.send(out.contiguous(), dst=ps.get_pipeline_model_parallel_next_rank())
             return None
-        last = out[:, -1, :].float()  # [n, V/tp] vocab-parallel logits of the final position
-        full = gather_from_tensor_model_parallel_region(last)  # [n, V]: small, one position only
+        last = out[:, -1, :].float()  # [n, V] (gathered) or [n, V/tp] vocab-parallel logits of the final position
+        full = last if gathered else gather_from_tensor_model_parallel_region(last)  # [n, V]: one position only
         full[:, self.vocab_size :] = float("-inf")  # padded vocabulary entries
         return full
 
@@ -175,9 +186,11 @@ class MegatronEngine:
         if logits is not None:
             ids, lps = sample_tokens(logits, params, gen)
             packed = torch.stack([ids.float(), lps])
-        if dist.is_initialized():
+        # (Groups of one rank are skipped: a broadcast costs a few ms per step even there.)
+        if dist.is_initialized() and ps.get_tensor_model_parallel_world_size() > 1:
             # TP rank 0's sample wins (every TP rank drew the same, this makes it certain).
             dist.broadcast(packed, src=ps.get_tensor_model_parallel_src_rank(), group=ps.get_tensor_model_parallel_group())
+        if dist.is_initialized() and ps.get_pipeline_model_parallel_world_size() > 1:
             # The last pipeline stage sampled; every stage needs the tokens for the next step.
             dist.broadcast(packed, src=ps.get_pipeline_model_parallel_last_rank(), group=ps.get_pipeline_model_parallel_group())
         return packed[0].long(), packed[1]
