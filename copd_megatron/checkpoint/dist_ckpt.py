@@ -46,11 +46,15 @@ def save_model(
         write_meta(ckpt_dir, model, params_dtype)
 
 
-def write_meta(ckpt_dir: str | Path, model: ModelConfig | None, params_dtype: str | None, layout: dict | None = None) -> None:
-    """Record the architecture (and the saving layout) next to the shards; rank 0 writes."""
+def write_meta(ckpt_dir: str | Path, model: ModelConfig | None, params_dtype: str | None, layout: dict | None = None,
+               *, writer: bool | None = None) -> None:  # fmt: skip
+    """Record the architecture (and the saving layout) next to the shards; rank 0 writes unless
+    ``writer`` says whether this rank does."""
     import torch.distributed as dist
 
-    if dist.is_initialized() and dist.get_rank() != 0:
+    if writer is None:
+        writer = not dist.is_initialized() or dist.get_rank() == 0
+    if not writer:
         return
     meta = {"model": dataclasses.asdict(model) if model is not None else None, "params_dtype": params_dtype,
             "layout": layout}  # fmt: skip
@@ -128,13 +132,22 @@ def check_shapes(sharded_state_dict: dict, ckpt_dir: str | Path) -> None:
                     )
 
 
-def load_model(chunks: list, ckpt_dir: str | Path) -> None:
-    """Load weights saved at any layout into this rank's chunks (collective, strict)."""
+def load_weights(sharded_state_dict: dict, ckpt_dir: str | Path, process_group=None) -> dict:
+    """The model tensors of ``sharded_state_dict`` from any checkpoint the project writes (a model,
+    a merged model, a converted base, or a trainer branch checkpoint whose optimizer, scheduler and
+    RNG state are ignored), at any layout. Collective over ``process_group`` (default: the world)."""
     from megatron.core import dist_checkpointing
 
+    loaded = dist_checkpointing.load(sharded_state_dict, str(ckpt_dir), process_group=process_group)
+    # The checkpoint's common (non-tensor) state comes back merged at the top level: keep the model's keys.
+    return {k: v for k, v in loaded.items() if k in sharded_state_dict}
+
+
+def load_model(chunks: list, ckpt_dir: str | Path, process_group=None) -> None:
+    """Load weights saved at any layout into this rank's chunks (collective, strict)."""
     verify_files(ckpt_dir)
     check_shapes(_sharded_state_dict(chunks), ckpt_dir)
-    state = dist_checkpointing.load(_sharded_state_dict(chunks), str(ckpt_dir))
+    state = load_weights(_sharded_state_dict(chunks), ckpt_dir, process_group)
     if len(chunks) == 1:
         chunks[0].load_state_dict(state, strict=True)
     else:

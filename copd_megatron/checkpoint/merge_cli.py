@@ -57,7 +57,7 @@ def check_compatible(dirs: list[str]) -> None:
     for d in dirs:
         verify_files(d)
     ref_model, _ = read_meta(dirs[0])
-    ref_meta = dist_checkpointing.load_tensors_metadata(dirs[0])
+    ref_meta = model_tensors(dist_checkpointing.load_tensors_metadata(dirs[0]))
     for d in dirs[1:]:
         model, _ = read_meta(d)
         for field, value in vars(ref_model).items():
@@ -65,7 +65,7 @@ def check_compatible(dirs: list[str]) -> None:
                 raise ConfigError(
                     f"{d}: architecture differs from {dirs[0]}: model.{field} is {getattr(model, field)!r}, not {value!r}"
                 )
-        meta = dist_checkpointing.load_tensors_metadata(d)
+        meta = model_tensors(dist_checkpointing.load_tensors_metadata(d))
         if set(meta) != set(ref_meta):
             extra = sorted(set(meta) ^ set(ref_meta))[0]
             raise ConfigError(f"{d}: tensor {extra!r} is present in only one of {d} and {dirs[0]}")
@@ -74,6 +74,12 @@ def check_compatible(dirs: list[str]) -> None:
                 raise ConfigError(
                     f"{d}: tensor {key!r} has shape {tuple(ten.global_shape)}, {dirs[0]} has {tuple(ref_meta[key].global_shape)}"
                 )
+
+
+def model_tensors(meta: dict) -> dict:
+    """The model's tensors of a checkpoint's tensor metadata: a trainer branch checkpoint also holds
+    optimizer state and per-rank RNG, which merging ignores."""
+    return {k: v for k, v in meta.items() if not k.startswith("optimizer.") and k not in ("rng_state", "common_state")}
 
 
 def _leaves(tree, path=()):
@@ -96,12 +102,13 @@ def _set(tree, path, value):
 
 def _load_shards(chunk, ckpt_dir: str) -> dict:
     """This rank's shards of ``ckpt_dir`` at the model's layout, factories left split (cloned)."""
-    from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.mapping import apply_factories
+
+    from copd_megatron.checkpoint.dist_ckpt import load_weights
 
     sd = chunk.sharded_state_dict()
     apply_factories(sd)
-    loaded = dist_checkpointing.load(sd, ckpt_dir)
+    loaded = load_weights(sd, ckpt_dir)
     for path, leaf in list(_leaves(loaded)):
         if isinstance(leaf, torch.Tensor):
             _set(loaded, path, leaf.detach().clone())  # loads may alias the model's parameters

@@ -16,7 +16,10 @@ from copd_megatron.config.schema import (
     EvalConfig,
     LoggingConfig,
     LossConfig,
+    MemoryConfig,
+    MergeConfig,
     ModelConfig,
+    OPDConfig,
     OptimizerConfig,
     ParallelConfig,
     PrecisionConfig,
@@ -27,6 +30,6 @@ from copd_megatron.config.validate import validate
 
 __all__ = [
     "PRESETS", "BranchConfig", "CheckpointConfig", "Config", "ConfigError", "EvalConfig", "LoggingConfig", "LossConfig",
-    "ModelConfig", "OptimizerConfig", "ParallelConfig", "PrecisionConfig", "RolloutConfig",
+    "MemoryConfig", "MergeConfig", "ModelConfig", "OPDConfig", "OptimizerConfig", "ParallelConfig", "PrecisionConfig", "RolloutConfig",
     "ScheduleConfig", "config_from_dict", "config_hash", "config_to_dict", "dump_config", "load_config", "validate",
 ]  # fmt: skip

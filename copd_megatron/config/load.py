@@ -96,12 +96,21 @@ def _yaml11_float(text: str) -> float | str:
         return text
 
 
+# Keys that moved to another section: the error says where they live now.
+MOVED = {
+    "schedule.opd_loss": "opd.loss", "schedule.jsd_beta": "opd.jsd_beta", "schedule.opd_topk": "opd.topk",
+    "schedule.merge": "merge.method", "optimizer.offload_inactive": "memory.offload_optimizer",
+}  # fmt: skip
+
+
 def _build(cls: type, data: dict, prefix: str) -> Any:
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     for k in data:
         if k not in names:
             where = f"{prefix}.{k}" if prefix else str(k)
+            if where in MOVED:
+                raise ConfigError(f"{where}: this key moved; write it as {MOVED[where]}")
             close = difflib.get_close_matches(str(k), names, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise ConfigError(f"{where}: unknown key{hint}; allowed: {', '.join(names)}")
@@ -197,7 +206,7 @@ def dump_config(cfg: Config, path: str | Path) -> None:
 
 
 # Sections that may change when a run resumes (layout, output, logging, length).
-_RESUMABLE = {"parallel", "checkpoint", "logging", "run_dir", "name"}
+_RESUMABLE = {"parallel", "checkpoint", "logging", "memory", "run_dir", "name"}
 
 
 def config_hash(cfg: Config) -> str:

@@ -28,6 +28,9 @@ class ModelConfig:
 
     preset: Optional[str] = None
     """Name of a shape preset (``tiny``, ``llama3-8b``, ``qwen2.5-7b``, ``qwen3-8b``, ...)."""
+    arch: Literal["gpt"] = "gpt"
+    """Model architecture, i.e. which model provider builds and runs it (``gpt``: Megatron's GPTModel,
+    the Llama / Qwen text families)."""
     num_layers: int = 2
     """Transformer layers; must be divisible by ``parallel.pp`` (× ``parallel.vpp``)."""
     hidden_size: int = 64
@@ -124,6 +127,12 @@ class ParallelConfig:
     """Overlap the distributed optimizer's parameter all-gather with forward (GPU)."""
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     """torch.distributed backend: ``auto`` = nccl with CUDA, gloo without."""
+    placement: Literal["colocated", "disjoint"] = "colocated"
+    """Where branches live. ``colocated``: every rank holds its shard of every branch (branches take
+    turns; full-vocabulary OPD losses possible). ``disjoint``: the data-parallel ranks are split into
+    one slice per branch (dp must be a multiple of the number of branches); branches generate, score
+    and update concurrently, and only token ids, masks, per-token log-probs and top-k ids/values
+    travel between them. tp/pp/cp describe ONE branch in both cases."""
 
     def __post_init__(self) -> None:
         for name in ("tp", "pp", "cp", "ep", "micro_batch_size"):
@@ -179,8 +188,6 @@ class OptimizerConfig:
     """Momentum when ``name`` is ``sgd``."""
     clip_grad: float = 1.0
     """Global gradient-norm clip (0 = off)."""
-    offload_inactive: bool = False
-    """Move an inactive branch's optimizer state to CPU memory while other branches train."""
 
     def __post_init__(self) -> None:
         _require(self.lr >= 0, "optimizer.lr", f"must be >= 0, got {self.lr}")
@@ -198,8 +205,9 @@ class BranchConfig:
     """Prompt data: a JSONL/Parquet path, or ``synthetic:<family>`` for generated tasks."""
     verifier: Optional[str] = None
     """Registered verifier name scoring this branch's completions."""
-    beta: float = 1.0
-    """β_k: weight of the cross-branch OPD advantage β·(log π_teacher − log π_student)."""
+    beta: Optional[float] = None
+    """β_k: weight of this branch's OPD signal β·(log π_teacher − log π_student) (null = ``opd.beta``;
+    0 = no distillation: its Phase II is plain GRPO, it still teaches its peers)."""
     difficulty: int = 2
     """Difficulty knob of synthetic task families."""
     eval_data: Optional[str] = None
@@ -219,7 +227,7 @@ class ScheduleConfig:
     s_opd: int = 2
     """S_OPD: mixed native + cross-branch steps per branch in Phase II."""
     train_steps: int = 10
-    """Optimizer steps for ``mode: smoke`` (and a cap for the others when > 0)."""
+    """Optimizer steps of ``mode: smoke`` (the RL recipes run ``cycles·(s_rl + s_opd)`` steps)."""
     topology: Literal["full", "hub", "edges"] = "full"
     """Who teaches whom: all pairs, hub ↔ every spoke, or the explicit ``edges`` list."""
     hub: Optional[str] = None
@@ -228,14 +236,8 @@ class ScheduleConfig:
     """Explicit undirected teacher pairs [[a, b], ...] when ``topology: edges``."""
     native_fraction: float = 0.5
     """Share of a Phase II batch that is native GRPO samples (the rest are cross samples)."""
-    opd_loss: Literal["sampled", "reverse_kl", "forward_kl", "jsd", "topk_kl"] = "sampled"
-    """OPD signal: the paper's sampled-token advantage, or a full-vocab / top-k divergence."""
     overlap_k: int = 10
     """k of the top-k overlap health metric."""
-    jsd_beta: float = 0.5
-    """β of ``opd_loss: jsd`` (0 = forward KL, 1 = reverse KL)."""
-    opd_topk: int = 16
-    """k of ``opd_loss: topk_kl``."""
     adaptive: bool = False
     """Adaptive rhythm (beyond the paper): end Phase I when overlap < floor, Phase II when > ceiling."""
     overlap_floor: float = 0.90
@@ -246,8 +248,6 @@ class ScheduleConfig:
     """``mode: static_opd``: the frozen expert that teaches (e.g. image for OPD V→T)."""
     static_student: Optional[str] = None
     """``mode: static_opd``: the expert that is distilled into and becomes the final model."""
-    merge: Literal["average", "task_arithmetic", "ties", "dare", "dare_ties", "none"] = "average"
-    """How branches become one model at the end (CoPD: uniform average)."""
 
     def __post_init__(self) -> None:
         for name in ("cycles", "s_rl", "s_opd", "train_steps", "overlap_k"):
@@ -298,6 +298,62 @@ class VLLMConfig:
         _require(self.max_num_seqs >= 1, "rollout.vllm.max_num_seqs", f"must be >= 1, got {self.max_num_seqs}")
         _require(self.sleep_level in (0, 1, 2), "rollout.vllm.sleep_level", f"must be 0, 1 or 2, got {self.sleep_level}")
         _require(self.sync_bucket_mb >= 1, "rollout.vllm.sync_bucket_mb", f"must be >= 1, got {self.sync_bucket_mb}")
+
+
+@dataclass
+class OPDConfig:
+    """The Phase II distillation signal (paper §4) on cross samples (student rollouts of a peer's prompts)."""
+
+    loss: Literal["sampled", "reverse_kl", "forward_kl", "jsd", "topk_kl"] = "sampled"
+    """``sampled``: the paper's per-token advantage β·(log π_T − log π_S) of the sampled token, fed to
+    the clipped surrogate. Beyond the paper: β·D(student ‖ teacher) added per token, over the full
+    vocabulary (``reverse_kl``, ``forward_kl``, ``jsd``: colocated placement only) or the teacher's
+    top-k (``topk_kl``: works across placements, k ids and values per token travel)."""
+    beta: float = 1.0
+    """Default β of branches that do not set ``branches[i].beta``."""
+    jsd_beta: float = 0.5
+    """β of ``loss: jsd`` (0 = forward KL, 1 = reverse KL)."""
+    topk: int = 16
+    """k of ``loss: topk_kl``."""
+
+    def __post_init__(self) -> None:
+        _require(self.beta >= 0, "opd.beta", f"must be >= 0, got {self.beta}")
+        _require(0.0 <= self.jsd_beta <= 1.0, "opd.jsd_beta", f"must be in [0, 1], got {self.jsd_beta}")
+        _require(self.topk >= 1, "opd.topk", f"must be >= 1, got {self.topk}")
+
+
+@dataclass
+class MergeConfig:
+    """How the final branches become one model (the trainer and ``copd-merge`` share this code)."""
+
+    method: Literal["average", "task_arithmetic", "ties", "dare", "dare_ties", "none"] = "average"
+    """CoPD's default is the uniform average; task_arithmetic/ties/dare/dare_ties need ``checkpoint.base``."""
+    weights: Optional[list[float]] = None
+    """One weight per merged branch (null = uniform)."""
+    lam: float = 1.0
+    """λ: scale of the merged task vector (task_arithmetic, ties, dare, dare_ties)."""
+    density: float = 0.2
+    """TIES: fraction of each task vector kept (by magnitude over the whole tensor)."""
+    drop_p: float = 0.9
+    """DARE: drop probability of each task-vector entry (survivors rescaled by 1/(1 − p))."""
+    seed: Optional[int] = None
+    """DARE mask seed (null = the run's ``seed``)."""
+
+    def __post_init__(self) -> None:
+        _require(0 < self.density <= 1, "merge.density", f"must be in (0, 1], got {self.density}")
+        _require(0 <= self.drop_p < 1, "merge.drop_p", f"must be in [0, 1), got {self.drop_p}")
+
+
+@dataclass
+class MemoryConfig:
+    """Keeping K branches on one set of devices (colocated placement): what inactive branches release."""
+
+    offload_optimizer: bool = False
+    """Move an inactive branch's optimizer state (fp32 master weights, Adam moments) to host memory
+    while other branches train; restored for its update."""
+    offload_weights: bool = False
+    """Keep an inactive branch's model weights in host memory (swapped in for its generate, score
+    and update phases): K branches then cost about one resident model plus host memory."""
 
 
 @dataclass
@@ -452,6 +508,9 @@ class Config:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     branches: list[BranchConfig] = field(default_factory=list)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    opd: OPDConfig = field(default_factory=OPDConfig)
+    merge: MergeConfig = field(default_factory=MergeConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)

@@ -52,8 +52,56 @@ def validate(cfg: Config, world_size: int, *, cuda_available: bool | None = None
         )
     if cfg.rollout.engine == "megatron" and cfg.parallel.vpp is not None and cfg.schedule.mode != "smoke":
         raise ConfigError("parallel.vpp: the Megatron rollout engine does not support virtual pipeline stages; set null")
+    if cfg.loss.ref_kl_coef > 0:
+        raise ConfigError(
+            f"loss.ref_kl_coef: {cfg.loss.ref_kl_coef} needs a frozen reference model, which this version does not "
+            "keep (the paper uses no reference KL); set loss.ref_kl_coef=0"
+        )
     _validate_branches(cfg)
+    _validate_placement(cfg, layout)
+    _validate_merge(cfg)
     return layout
+
+
+def model_branch_count(cfg: Config) -> int:
+    """Models the recipe trains: mixed RLVR pools everything into one; MOPD adds a student."""
+    k = len(cfg.branches)
+    return {"mixed": 1, "mopd": k + 1, "smoke": 1}.get(cfg.schedule.mode, k)
+
+
+def _validate_placement(cfg: Config, layout: Layout) -> None:
+    if cfg.parallel.placement != "disjoint" or cfg.schedule.mode == "smoke":
+        return
+    k = model_branch_count(cfg)
+    if k > 1 and layout.dp % k:
+        raise ConfigError(
+            f"parallel.placement: 'disjoint' puts each of the {k} branches on its own data-parallel slice, but the "
+            f"data-parallel size {layout.dp} (world {layout.world_size} / tp*pp*cp) is not a multiple of {k}; "
+            f"launch a multiple of {k * layout.model_parallel_size} ranks or use placement 'colocated'"
+        )
+    if k > 1 and cfg.opd.loss in ("reverse_kl", "forward_kl", "jsd"):
+        raise ConfigError(
+            f"opd.loss: {cfg.opd.loss!r} needs the teacher's full-vocabulary logits on the student's ranks; with "
+            "parallel.placement 'disjoint' only per-token log-probs and top-k travel: use 'sampled' or 'topk_kl', "
+            "or placement 'colocated'"
+        )
+    if cfg.parallel.ep > 1:
+        raise ConfigError("parallel.placement: 'disjoint' supports dense models only (parallel.ep must be 1)")
+    if k > 1 and cfg.rollout.prompts_per_step % (layout.dp // k):
+        raise ConfigError(
+            f"rollout.prompts_per_step: {cfg.rollout.prompts_per_step} is not divisible by a branch's data-parallel "
+            f"size {layout.dp // k} (disjoint placement); every data-parallel rank needs the same number of prompts"
+        )
+
+
+def _validate_merge(cfg: Config) -> None:
+    m = cfg.merge
+    if m.method in ("task_arithmetic", "ties", "dare", "dare_ties") and cfg.checkpoint.base is None and cfg.schedule.mode != "smoke":
+        raise ConfigError(f"merge.method: {m.method!r} needs the shared base (checkpoint.base); "
+                          "use 'average' or set checkpoint.base")  # fmt: skip
+    finals = {"copd": len(cfg.branches)}.get(cfg.schedule.mode, 1)
+    if m.weights is not None and len(m.weights) != finals:
+        raise ConfigError(f"merge.weights: {len(m.weights)} weights for {finals} merged branches")
 
 
 def _validate_branches(cfg: Config) -> None:
