@@ -135,3 +135,11 @@ def export_hf_weights(chunks: list, m: ModelConfig, groups: Any) -> Iterator[tup
         return full
 
     yield from mcore_to_hf_iter(get, m)
+
+
+def export_hf_tensors(chunks: list, groups: Any, provider: Any) -> Iterator[tuple[str, torch.Tensor]]:
+    """:func:`export_hf_weights` for a branch built by a model provider (its ``model_cfg``)."""
+    model_cfg = getattr(provider, "model_cfg", None)
+    if model_cfg is None:
+        raise NotImplementedError(f"HF export of a {type(provider).__name__} model is not supported (GPT only)")
+    yield from export_hf_weights(chunks, model_cfg, groups)

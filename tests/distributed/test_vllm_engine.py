@@ -42,40 +42,48 @@ def _setup(tp: int, seed: int = 7):
     return cfg, build_branch(cfg.model, cfg.parallel, cfg.precision, cfg.optimizer, 10)
 
 
-def _groups():
-    from megatron.core import parallel_state as ps
-
-    return SimpleNamespace(tp=ps.get_tensor_model_parallel_group(), pp=ps.get_pipeline_model_parallel_group(),
-                           mp=ps.get_model_parallel_group())  # fmt: skip
-
-
 def _context(cfg, branch, **rollout):
-    from copd_megatron.checkpoint.hf_export import export_hf_weights
+    from functools import partial
+
+    from copd_megatron.checkpoint.hf_export import export_hf_tensors
     from copd_megatron.rollout.engine import EngineContext
 
-    groups = _groups()
     tokenizer = SimpleNamespace(pad_id=0, eos_id=1, decode=lambda ids: " ".join(f"t{i}" for i in ids))
     for k, v in rollout.items():
         setattr(cfg.rollout.vllm, k, v)
-    return EngineContext(cfg.model, cfg.rollout, branch.chunks, None, tokenizer, groups,
-                         lambda: export_hf_weights(branch.chunks, cfg.model, groups))  # fmt: skip
+    return EngineContext(cfg.model, cfg.rollout, branch.chunks, branch.provider, tokenizer, branch.groups,
+                         partial(export_hf_tensors, branch.chunks, branch.groups, branch.provider))  # fmt: skip
+
+
+SCORE = SimpleNamespace(vocab_size=500, temperature=1.0, micro_batch_size=2, logprob_chunk_size=0)
 
 
 def _trainer_logprobs(branch, batch, vocab: int) -> torch.Tensor:
     """The trainer's log-probs of the batch's tokens, aligned like RolloutBatch.logprobs ([n, L])."""
-    from copd_megatron.training.policy import compute_logprobs, response_mask
+    from copd_megatron.training.parity import rollout_as_batch
+    from copd_megatron.training.worker import score_batch
 
-    lp = compute_logprobs(branch.chunks, batch.tokens, response_mask(batch), 2, temperature=1.0, vocab_size=vocab)
+    lp = score_batch(branch, rollout_as_batch(batch), SCORE)["logprobs"]
     return torch.cat([torch.zeros(lp.shape[0], 1), lp], dim=1) * batch.response_mask
 
 
-def _grpo_update(cfg, branch, batch) -> None:
-    from copd_megatron.training.policy import PolicyBatch, compute_logprobs, policy_update, response_mask
+def _update_batch(branch, rollouts):
+    """A GRPO-style update batch of the rollouts: fixed advantages, old log-probs from the trainer."""
+    from copd_megatron.data.batch import TARGET
+    from copd_megatron.training.parity import rollout_as_batch
+    from copd_megatron.training.worker import score_batch
 
-    mask = response_mask(batch)
-    old = compute_logprobs(branch.chunks, batch.tokens, mask, 2, temperature=1.0, vocab_size=500)
-    adv = torch.linspace(-1.5, 1.5, batch.num_sequences)[:, None] * mask
-    policy_update(branch, PolicyBatch(batch.tokens, mask, adv, old), cfg.loss, micro_batch_size=2, temperature=1.0,
+    b = rollout_as_batch(rollouts)
+    mask = b["loss_mask"]
+    b.set("old_logprobs", score_batch(branch, b, SCORE)["logprobs"], TARGET)
+    b.set("advantages", torch.linspace(-1.5, 1.5, len(b))[:, None] * mask, TARGET)
+    return b
+
+
+def _grpo_update(cfg, branch, rollouts) -> None:
+    from copd_megatron.training.policy import policy_update
+
+    policy_update(branch, _update_batch(branch, rollouts), cfg.loss, cfg.opd, micro_batch_size=2, temperature=1.0,
                   vocab_size=500, max_len=16)  # fmt: skip
 
 
@@ -242,25 +250,25 @@ def test_one_vllm_instance_shared_by_two_branches_swaps_their_weights():
 
 
 def _tp2() -> dict:
-    """Two trainer ranks at TP=2: one vLLM on rank 0 fed by the gathered shards, batches broadcast."""
+    """Two trainer ranks at TP=2: one vLLM on rank 0 fed by the gathered shards, batches broadcast.
+    Driven through a BranchWorker: generate, update, sync_weights as the trainer's phases do."""
     from copd_megatron.rollout.engine import build_engine
     from copd_megatron.rollout.megatron_engine import MegatronEngine
     from copd_megatron.rollout.types import SamplingParams
-    from copd_megatron.training.parity import parity_check, trainer_logprobs
+    from copd_megatron.training.parity import parity_check
+    from copd_megatron.training.worker import BranchWorker, WorkerSettings
 
     cfg, branch = _setup(2)
-    ctx = _context(cfg, branch)
-    engine = build_engine("vllm", ctx)
+    engine = build_engine("vllm", _context(cfg, branch))
+    worker = BranchWorker("b", branch, engine, WorkerSettings(500, 1.0, 2, 16, cfg.loss, cfg.opd))
     greedy = SamplingParams(max_new_tokens=10, greedy=True)
     out = {"has_llm": engine.slot.llm is not None}
-    out["greedy"] = (engine.generate(PROMPTS, greedy), MegatronEngine(branch.chunks[0], 500).generate(PROMPTS, greedy))
-    out["parity"] = parity_check(engine, branch.chunks, PROMPTS * 2, SamplingParams(max_new_tokens=12, temperature=1.0),
-                                 vocab_size=500, micro_batch_size=2, warn=ATOL)  # fmt: skip
-    _grpo_update(cfg, branch, engine.generate(PROMPTS * 2, SamplingParams(max_new_tokens=8, seed=2)))
-    engine.update_weights(ctx.export_weights(), 1)
-    sampled = engine.generate(PROMPTS * 2, SamplingParams(max_new_tokens=12, temperature=1.0, seed=5))
-    out["synced"] = (sampled, trainer_logprobs(branch.chunks, sampled, temperature=1.0, vocab_size=500,
-                                               micro_batch_size=2))  # fmt: skip
+    out["greedy"] = (worker.generate(PROMPTS, greedy), MegatronEngine(branch.chunks[0], 500).generate(PROMPTS, greedy))
+    out["parity"] = parity_check(worker, PROMPTS * 2, SamplingParams(max_new_tokens=12, temperature=1.0), warn=ATOL)
+    worker.update(_update_batch(branch, worker.generate(PROMPTS * 2, SamplingParams(max_new_tokens=8, seed=2))))
+    worker.sync_weights()
+    sampled = worker.generate(PROMPTS * 2, SamplingParams(max_new_tokens=12, temperature=1.0, seed=5))
+    out["synced"] = (sampled, _trainer_logprobs(branch, sampled, 500))
     engine.close()
     return out
 
