@@ -77,7 +77,7 @@ def test_copd_with_vllm_runs_resumes_after_sigkill_and_matches_the_megatron_engi
     # after the resume): its log-probs of the sampled tokens equal the trainer's recomputation.
     for rows, name in ((full, "full"), (resumed, "resumed")):
         diffs = _series(rows, "rollout_logp_abs_diff")
-        assert diffs and max(diffs) < 1e-3, f"{name}: engine/trainer mismatch {diffs}"
+        assert diffs and max(diffs) < 1e-5, f"{name}: engine/trainer mismatch {diffs}"
     # The same per-request seeds and weights after the resume: the resumed steps repeat the full run's.
     for a, b in zip(full[2:], resumed, strict=True):
         for key in (k for k in a if k.endswith(("/reward", "/loss"))):
@@ -86,4 +86,4 @@ def test_copd_with_vllm_runs_resumes_after_sigkill_and_matches_the_megatron_engi
     r_meg, r_vllm = _series(meg, "native/reward"), _series(full, "native/reward")
     assert len(r_meg) == len(r_vllm) > 0
     assert abs(sum(r_meg) / len(r_meg) - sum(r_vllm) / len(r_vllm)) < 0.25, (r_meg, r_vllm)
-    assert max(_series(meg, "rollout_logp_abs_diff")) < 1e-4, "the Megatron engine is the trainer itself"
+    assert max(_series(meg, "rollout_logp_abs_diff")) < 1e-5, "the Megatron engine is the trainer itself"
