@@ -36,6 +36,7 @@ setup(
             "copd-merge=copd_megatron.checkpoint.merge_cli:main",
             "copd-eval=copd_megatron.eval_cli:main",
             "copd-convert=copd_megatron.checkpoint.convert_cli:main",
+            "copd-sbatch=copd_megatron.sbatch_cli:main",
         ],
     },
 )

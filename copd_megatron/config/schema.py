@@ -133,10 +133,15 @@ class ParallelConfig:
     one slice per branch (dp must be a multiple of the number of branches); branches generate, score
     and update concurrently, and only token ids, masks, per-token log-probs and top-k ids/values
     travel between them. tp/pp/cp describe ONE branch in both cases."""
+    rendezvous_timeout_s: float = 600.0
+    """Seconds the ranks wait for each other at start-up (at the master address and port) before
+    giving up with one line naming what was missing and the likely cause."""
 
     def __post_init__(self) -> None:
         for name in ("tp", "pp", "cp", "ep", "micro_batch_size"):
             _require(getattr(self, name) >= 1, f"parallel.{name}", f"must be >= 1, got {getattr(self, name)}")
+        _require(self.rendezvous_timeout_s > 0, "parallel.rendezvous_timeout_s",
+                 f"must be > 0 seconds, got {self.rendezvous_timeout_s}")  # fmt: skip
         _require(self.dp is None or self.dp >= 1, "parallel.dp", f"must be >= 1 or null, got {self.dp}")
         if self.vpp is not None:
             _require(self.vpp >= 1, "parallel.vpp", f"must be >= 1 or null, got {self.vpp}")
@@ -439,8 +444,11 @@ class CheckpointConfig:
 
     save_dir: Optional[str] = None
     """Where to save (null = inside ``run_dir``)."""
-    load_dir: Optional[str] = None
-    """Resume from here: a save directory (its ``latest``) or one ``iter_*`` directory."""
+    load_dir: Optional[str] = "auto"
+    """Where the run starts from. ``auto``: the newest complete checkpoint in this run's own save
+    directory if there is one, else a fresh start (a requeued or restarted job continues with the
+    same command line). ``null``: always fresh. A path: a save directory (its ``latest``) or one
+    ``iter_*`` directory, e.g. another run's; it must exist and be complete."""
     base: Optional[str] = None
     """torch_dist checkpoint every branch starts from (null = random init, tests only)."""
     save_interval: int = 0
