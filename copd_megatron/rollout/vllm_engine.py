@@ -410,6 +410,10 @@ def _write_hf_dir(ctx: EngineContext, out: Path, write: bool) -> str:
 
 def _start_llm(hf_dir: Path, dtype: str, ctx: EngineContext, sleep_ok: bool):
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    # vLLM names its processes with setproctitle, which by default overwrites the processes'
+    # environment block: a job's cleanup that finds its processes by an environment variable (our
+    # tests' reaper; some cluster tools) would then miss an engine whose trainer was killed.
+    os.environ.setdefault("SPT_NOENV", "1")
     LLM = _import_vllm().LLM
 
     cfg = ctx.rollout_cfg.vllm
