@@ -114,7 +114,7 @@ def run_smoke(cfg: Config, layout: Layout) -> list[float]:
 def run_recipe(cfg: Config, layout: Layout) -> dict:
     """CoPD or a baseline, stage by stage and step by step (module docstring); returns the eval table."""
     from copd_megatron.copd.recipes import final_models, stages
-    from copd_megatron.copd.runtime import build_run, evaluate_base
+    from copd_megatron.copd.runtime import build_run, evaluate_base, rollout_parity
     from copd_megatron.copd.step import StepState, generate_phase, score_phase, sync_phase, update_phase
     from copd_megatron.data.tokenizer import load_tokenizer
 
@@ -124,6 +124,7 @@ def run_recipe(cfg: Config, layout: Layout) -> dict:
     run = build_run(cfg, tok, total)
     manager, preempt = make_manager(cfg), PreemptionFlag()
     state = _resume(cfg, manager, run, plan_stages)
+    rollout_parity(run)  # logs the engine-vs-trainer log-prob mismatch of every branch (warns above a threshold)
     writer = MetricsWriter(cfg.run_dir, enabled=dist.get_rank() == 0, tensorboard=cfg.logging.tensorboard)
     if "base_eval" not in state:  # every branch is still the base: evaluate it once, for the table
         state["base_eval"] = evaluate_base(run)
