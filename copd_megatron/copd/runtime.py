@@ -9,24 +9,28 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch.distributed as dist
 
 from copd_megatron.checkpoint.dist_ckpt import load_model
+from copd_megatron.checkpoint.hf_export import export_hf_tensors
 from copd_megatron.config.schema import Config, ConfigError
 from copd_megatron.copd.recipes import branch_names
 from copd_megatron.copd.router import Router
-from copd_megatron.copd.sources import Source, make_sources, make_streams
+from copd_megatron.copd.sources import Source, make_sources, make_streams, sampling
 from copd_megatron.copd.step import StepEnv
 from copd_megatron.distributed.groups import Placement, build_placement
+from copd_megatron.data.tokenizer import encode_prompt
 from copd_megatron.distributed.init import set_seed
 from copd_megatron.model.build import wrap_and_optimize
 from copd_megatron.model.provider import make_provider
 from copd_megatron.rollout.engine import EngineContext, build_engine
 from copd_megatron.rollout.evaluate import evaluate
 from copd_megatron.rollout.megatron_engine import MegatronEngine
+from copd_megatron.training.parity import parity_check
 from copd_megatron.training.worker import BranchWorker, WorkerSettings
 
 logger = logging.getLogger(__name__)
@@ -76,6 +80,7 @@ def build_run(cfg: Config, tokenizer, total_steps: int) -> Run:
         model = wrap_and_optimize(chunks, provider.tcfg, cfg.parallel, cfg.precision, cfg.optimizer, total_steps,
                                   groups, provider)  # fmt: skip
         ctx = EngineContext(cfg.model, cfg.rollout, model.chunks, provider, tokenizer, groups,
+                            export_weights=partial(export_hf_tensors, model.chunks, groups, provider),
                             workdir=Path(cfg.run_dir) / "engines" / name)  # fmt: skip
         worker = BranchWorker(name, model, build_engine(cfg.rollout.engine, ctx), settings(cfg),
                               make_streams(cfg, name, sources))  # fmt: skip
@@ -119,6 +124,20 @@ def gather_tables(table: dict, placement: Placement) -> dict:
     for p in parts:
         out.update(p)
     return {n: out[n] for n in placement.names if n in out}
+
+
+def rollout_parity(run: Run) -> dict[str, dict]:
+    """The start-up parity check of every local branch's engine (``training/parity.py``) on the
+    first ``rollout.parity_prompts`` held-out prompts of its domain; branch → metrics."""
+    cfg, tok = run.env.cfg, run.env.tokenizer
+    n = cfg.rollout.parity_prompts
+    out = {}
+    for name, w in run.workers.items() if n else ():
+        prompts = [encode_prompt(tok, s.prompt) for s in run.sources[name].held_out[:n]]
+        w.activate()
+        out[name] = parity_check(w, prompts, sampling(cfg, tok), warn=cfg.rollout.parity_warn)
+        w.deactivate()
+    return out
 
 
 def evaluate_base(run: Run) -> dict:

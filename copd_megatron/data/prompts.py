@@ -11,8 +11,7 @@ prompt that leaves no room for the answer only wastes rollouts.
 A :class:`PromptStream` walks a dataset endlessly in a fresh shuffle per epoch, derived
 from (seed, epoch) alone, so the order never depends on what happened before. Its
 ``state_dict`` (epoch, position, seed) is all a checkpoint needs: a resumed run sees
-exactly the prompts the uninterrupted run would have seen (DESIGN §5: resume must restore
-the data position).
+exactly the prompts the uninterrupted run would have seen.
 """
 
 from __future__ import annotations

@@ -133,6 +133,7 @@ class MegatronEngine:
         was_training, sp = self.model.training, self._set_sequence_parallel(False)
         self.model.eval()
         prev, steps = 0, 0
+        hook = self._output_on_last_position() if ctx is not None else None
         try:
             for cur in range(int(lens.min()), total):
                 start = prev if ctx is not None else 0
@@ -150,6 +151,8 @@ class MegatronEngine:
                 if bool(done.all()):
                     break
         finally:
+            if hook is not None:
+                hook.remove()
             self.model.train(was_training)
             self._set_sequence_parallel(sp)
         length = int((lens + resp_lens).max())
@@ -170,6 +173,18 @@ class MegatronEngine:
                     text = self.decode(tokens[i, lens[i] : cur + 1].tolist())
                     stop[i] |= any(s in text for s in params.stop_strings)
         return stop
+
+    def _output_on_last_position(self):
+        """Make the output layer see only the final position (a forward pre-hook; returns its handle,
+        or None on stages without one). Only the last position's logits are ever sampled from, so
+        the prefill then costs [n, V] logits instead of [n, s, V]: for a 32k vocabulary the output
+        layer was the largest matmul of the prefill. (Megatron's own inference mode does the same
+        slice, but needs ``runtime_gather_output``, which model providers do not pass.)"""
+        layers = [m for name, m in unwrap(self.model).named_modules() if name.rsplit(".", 1)[-1] == "output_layer"]
+        if len(layers) != 1:
+            return None
+        # Megatron's layout is [s, n, h]: keep the last position, as a length-1 sequence.
+        return layers[0].register_forward_pre_hook(lambda module, args: (args[0][-1:], *args[1:]))
 
     def _set_sequence_parallel(self, value: bool) -> bool:
         """Decoding one token cannot be sequence-sharded: switch SP off while generating."""

@@ -9,7 +9,9 @@ vocab-parallel logits: the full vocabulary is never gathered. Fields of an updat
     loss_mask         target [n, L-1]  1 where the target token is a response token
     advantages        target [n, L-1]  GRPO: the group advantage; OPD (sampled): β·(log π_T − log π_S)
     old_logprobs      target [n, L-1]  the trainer's log-probs before this update (recomputed)
-    sampler_logprobs  target [n, L-1]  the rollout engine's log-probs (monitoring, IS corrections)
+    sampler_logprobs  target [n, L-1]  the rollout engine's log-probs: per-step mismatch metrics
+                                       (rollout_logp_abs_diff, rollout_k3_kl) and, with loss.rollout_is,
+                                       the importance weights that multiply the surrogate
     opd_weight        row    [n]       β on cross rows whose teacher signal is a divergence, else 0
     teacher_topk_ids  target [n, L-1, k] / teacher_topk_vals: the teacher's top-k (opd.loss topk_kl)
     teacher_logits    ragged           the teacher's vocab-parallel logits [len, V/tp] of a cross row
@@ -35,6 +37,7 @@ from copd_megatron.losses import (
     topk_kl_from,
     vocab_divergence,
 )
+from copd_megatron.losses.mismatch import log_ratio, rollout_is_weights
 from copd_megatron.model.build import BranchModel
 from copd_megatron.training.step import StepResult, train_step
 
@@ -53,6 +56,9 @@ def make_policy_loss(loss: LossConfig, opd: OPDConfig, *, temperature: float, vo
                               chunk_size=loss.logprob_chunk_size or None)  # fmt: skip
         per_token, stats = policy_loss(logp, mb.fields["old_logprobs"], mb.fields["advantages"], mask,
                                        eps_low=loss.eps_low, eps_high=loss.eps_high)  # fmt: skip
+        if "sampler_logprobs" in mb.fields:  # rollout/trainer mismatch: metrics, and the IS correction
+            per_token, mismatch = _rollout_correction(per_token, mb, mask, loss)
+            stats.update(mismatch)
         if opd.loss != "sampled" and "opd_weight" in mb.fields:
             per_token = per_token + _divergence(logits, mb, opd, tp_group, vocab_size, temperature) * mask
         loss_sum, count = aggregate(per_token, mask, loss.aggregation, max_len)
@@ -67,6 +73,21 @@ def make_policy_loss(loss: LossConfig, opd: OPDConfig, *, temperature: float, vo
         return loss_sum, count.to(torch.int), metrics
 
     return loss_fn
+
+
+def _rollout_correction(per_token: torch.Tensor, mb: MicroBatch, mask: torch.Tensor, loss: LossConfig):
+    """Multiply the surrogate by the rollout importance weights (``loss.rollout_is``; the divergence
+    term of full-vocabulary OPD is not a sampled estimate and is not weighted) and return per-token
+    mismatch metrics between the engine's and the trainer's old log-probs (``losses/mismatch.py``)."""
+    old, sampler = mb.fields["old_logprobs"], mb.fields["sampler_logprobs"].to(per_token.device)
+    delta = log_ratio(old, sampler, mask)
+    stats = {"rollout_logp_abs_diff": delta.abs(), "rollout_k3_kl": torch.exp(delta) - delta - 1}
+    if loss.rollout_is != "none":
+        w = rollout_is_weights(old, sampler, mask, mode=loss.rollout_is, level=loss.rollout_is_level,
+                               cap=loss.rollout_is_cap, low=loss.rollout_is_low)  # fmt: skip
+        per_token = per_token * w
+        stats["rollout_is_weight"] = w
+    return per_token, stats
 
 
 def _divergence(logits, mb: MicroBatch, opd: OPDConfig, tp_group, vocab_size: int, temperature: float) -> torch.Tensor:

@@ -129,7 +129,12 @@ class BranchWorker:
 
     def load_state_dict(self, state: dict) -> None:
         self.weight_version = int(state["weight_version"])
-        self.engine.weight_version = self.weight_version  # the engine is rebuilt on the loaded weights
+        if self.weight_version > self.engine.weight_version:
+            # The engine was built before the checkpoint was loaded: an engine with its own copy of
+            # the weights (vLLM) must receive the resumed ones (the Megatron engine records the version).
+            self.activate()
+            self.sync_weights()
+            self.deactivate()
         for k, st in state["streams"].items():
             self.streams[k].load_state_dict(st)
 

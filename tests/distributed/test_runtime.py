@@ -121,7 +121,7 @@ def test_merge_inside_the_trainer_equals_copd_merge(base, tmp_path, tp):
     final = run / "checkpoints" / "iter_0000002"
     launcher = [sys.executable, "-m"] if tp == 1 else [TORCHRUN, "--standalone", f"--nproc-per-node={tp}", "-m"]
     for method, extra, ours in (("ties", ["--density", "0.3", "--lam", "0.9"], "merged"),
-                                ("dare", ["--drop-p", "0.5", "--seed", "7"], "merged_dare")):  # fmt: skip
+                                ("dare", ["--drop-p", "0.5", "--seed", "7", "--lam", "0.9"], "merged_dare")):  # fmt: skip
         out = tmp_path / f"cli_{method}"
         cmd = [*launcher, "copd_megatron.checkpoint.merge_cli", "--tp", str(tp), "--inputs", str(final / "count"),
                str(final / "sort"), "--base", str(base / "checkpoint"), "--method", method, *extra, "--out", str(out)]
