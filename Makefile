@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo smoke test test-all venv vllm clean
+.PHONY: demo demo-vlm smoke test test-all venv vllm clean
 
 venv: $(STAMP)
 
@@ -35,6 +35,16 @@ demo: $(STAMP)
 		--difficulty 4 --steps 400 --model model.num_layers=4 model.hidden_size=128 model.ffn_hidden_size=352
 	$(PY) -m copd_megatron.cli configs/demo_cpu.yaml
 	$(PY) tools/plot_run.py runs/demo/copd --out runs/demo/copd/plots
+
+# The vision-language CPU demo: a tiny VLM base (tokenizer with <image>/<video>, CLIP ViT + projector +
+# the LM, SFT on count / shape_count / video_change), then 3-branch CoPD (text hub, image and video spokes).
+DEMO_VLM_BASE := runs/demo_vlm/base
+demo-vlm: $(STAMP)
+	test -f $(DEMO_VLM_BASE)/base.json || $(PY) tools/make_base.py --out $(DEMO_VLM_BASE) --vision tiny \
+		--families count shape_count video_change --difficulty count=3 shape_count=2 video_change=3 \
+		--steps 600 --lr 1e-3 --model model.num_layers=4 model.hidden_size=128 model.ffn_hidden_size=352
+	$(PY) -m copd_megatron.cli configs/demo_vlm_cpu.yaml
+	$(PY) tools/plot_run.py runs/demo_vlm/copd --out runs/demo_vlm/copd/plots
 
 # The smallest end-to-end job: a tiny GPTModel trained as a language model at TP=2 on 2 processes.
 smoke: $(STAMP)

@@ -17,6 +17,7 @@ setup(
         "pyyaml",
         "psutil",
         "numpy",
+        "pillow",  # images of vision-language data (data/media.py)
         "math-verify",
     ],
     extras_require={

@@ -39,10 +39,34 @@ def train_main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"copd-train: error: {e}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
+    try:
+        _check_media(cfg)
+    except (ConfigError, ValueError) as e:  # DataError / MediaError: FILE:LINE: what is wrong
+        print(f"copd-train: error: {e}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
     if args.check:
         print(f"{args.config}: ok for world size {env.world_size} ({layout})")
         return 0
     return _run(cfg, layout, env)
+
+
+def _check_media(cfg) -> None:
+    """With ``model.vision``: read every branch's prompt file and its images and videos now, so a
+    missing, corrupt or mismatched file is one line before any process group starts. Without it,
+    a visual synthetic family is refused."""
+    from copd_megatron.rewards import synthetic
+
+    for i, b in enumerate(cfg.branches):
+        if cfg.model.vision is None:
+            family = (b.data or "").removeprefix("synthetic:")
+            if (b.data or "").startswith("synthetic:") and synthetic.get_family(family).visual:
+                raise ConfigError(f"branches.{i}.data: synthetic family {family!r} has images; it needs model.vision")
+            continue
+        from copd_megatron.data.media import load_multimodal_prompts
+
+        for path in (b.data, b.eval_data):
+            if path is not None and not path.startswith("synthetic:"):
+                load_multimodal_prompts(path, cfg.model.vision, domain=b.name)
 
 
 def _run(cfg, layout, env) -> int:

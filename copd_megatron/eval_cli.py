@@ -5,7 +5,8 @@
     copd-eval --checkpoint CKPT --tokenizer TOK_DIR --set math=data/math500.jsonl:math --max-new-tokens 2048
     torchrun --nproc-per-node 2 -m copd_megatron.eval_cli --tp 2 ...
 
-A set is ``NAME=PATH.jsonl:VERIFIER`` (rows with prompt/answer) or ``NAME=synthetic:FAMILY:LEVEL``.
+A set is ``NAME=PATH.jsonl:VERIFIER`` (rows with prompt/answer, and images / video for a
+vision-language checkpoint) or ``NAME=synthetic:FAMILY:LEVEL`` (visual families too).
 Reports greedy pass@1 and, with ``--samples n > 1``, mean@n of sampled completions; writes JSON
 and prints a table. The architecture comes from the checkpoint's ``copd_meta.yaml``.
 """
@@ -37,7 +38,10 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_sets(specs: list[str], limit: int, seed: int) -> dict:
+def parse_sets(specs: list[str], limit: int, seed: int, vision=None) -> dict:
+    """``vision``: the checkpoint's ``model.vision`` (None: text-only); with it, rows may carry
+    images and videos (checked and resolved now) and visual synthetic families are allowed."""
+    from copd_megatron.data.media import load_multimodal_prompts, resolve_samples
     from copd_megatron.data.prompts import load_prompts
     from copd_megatron.rewards import synthetic
     from copd_megatron.rewards.registry import get_verifier
@@ -49,12 +53,17 @@ def parse_sets(specs: list[str], limit: int, seed: int) -> dict:
         name, rest = spec.split("=", 1)
         if rest.startswith("synthetic:"):
             _, family, level = (rest.split(":") + ["2"])[:3]
+            if synthetic.get_family(family).visual and vision is None:
+                raise ConfigError(f"--set {spec!r}: family {family!r} has images; the checkpoint has no model.vision")
             items, verifier = synthetic.generate(family, limit or 64, int(level), seed=seed), f"synthetic_{family}"
+            if vision is not None:
+                items = resolve_samples(items, vision, f"synthetic:{family}")
         else:
             path, _, verifier = rest.rpartition(":")
             if not path:
                 raise ConfigError(f"--set {spec!r}: missing ':VERIFIER' after the path")
-            items = load_prompts(path, domain=name)[0]
+            items = load_prompts(path, domain=name)[0] if vision is None else \
+                load_multimodal_prompts(path, vision, domain=name)[0]  # fmt: skip
         sets[name] = (items[:limit] if limit else items, get_verifier(verifier))
     return sets
 
@@ -73,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         model_cfg, dtype = read_meta(args.checkpoint)
         layout = resolve_layout(ParallelConfig(tp=args.tp, pp=args.pp), model_cfg, env.world_size)
         tok = load_tokenizer(args.tokenizer)
-        sets = parse_sets(args.sets, args.limit, args.seed)
+        sets = parse_sets(args.sets, args.limit, args.seed, model_cfg.vision)
     except (ConfigError, ValueError) as e:
         print(f"copd-eval: error: {e}", file=sys.stderr)
         return 2
@@ -95,13 +104,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _evaluate(args, model_cfg, dtype, tok, sets, load_model) -> dict:
-    from copd_megatron.model.build import build_model_chunks
+    from copd_megatron.distributed.groups import shared_groups
+    from copd_megatron.model.provider import make_provider
     from copd_megatron.rollout.evaluate import evaluate
     from copd_megatron.rollout.megatron_engine import MegatronEngine
 
-    chunks = build_model_chunks(model_cfg, ParallelConfig(tp=args.tp, pp=args.pp), PrecisionConfig(params_dtype=dtype))
+    provider = make_provider(model_cfg, ParallelConfig(tp=args.tp, pp=args.pp), PrecisionConfig(params_dtype=dtype))
+    chunks = provider.build_chunks(shared_groups())
     load_model(chunks, args.checkpoint)
-    engine = MegatronEngine(chunks[0], model_cfg.vocab_size, tok.pad_id, tok.decode)
+    engine = MegatronEngine(chunks[0], model_cfg.vocab_size, tok.pad_id, tok.decode, provider=provider)
     return evaluate(engine, tok, sets, max_new_tokens=args.max_new_tokens, stop=args.stop, samples=args.samples,
                     temperature=args.temperature, seed=args.seed)  # fmt: skip
 

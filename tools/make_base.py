@@ -3,9 +3,14 @@ SFT-trained briefly on synthetic task families, so it solves some but not all pr
 
     .venv/bin/python tools/make_base.py --out runs/base                       # ~2 min on 2 CPU cores
     .venv/bin/python tools/make_base.py --out runs/base --families arithmetic reverse --steps 300
+    # a vision-language base (LLaVA-style: tiny CLIP ViT + projector + the same language model)
+    .venv/bin/python tools/make_base.py --out runs/vlm_base --vision tiny --families count shape_count video_motion
 
 Writes ``<out>/tokenizer.model``, ``<out>/checkpoint`` (torch_dist, loadable at any TP/PP) and
-``<out>/base.json`` with the held-out pass@1 per family. RLVR needs prompts the base sometimes
+``<out>/base.json`` with the held-out pass@1 per family. With ``--vision PRESET`` the tokenizer
+reserves ``<image>`` and ``<video>`` (their ids become ``model.vision.image_token_id`` /
+``video_token_id``), the model gets a vision tower, and visual families (``shape_count``,
+``video_motion``, ...) may be mixed with text ones. RLVR needs prompts the base sometimes
 solves (the paper filters out pass rates of 0% and 100%); the defaults aim at 10-70% per family.
 """
 
@@ -20,10 +25,10 @@ from pathlib import Path
 
 import torch
 
-from copd_megatron.config import config_from_dict, validate
+from copd_megatron.config import ConfigError, config_from_dict, validate
 from copd_megatron.data.tokenizer import load_tokenizer, train_sentencepiece
 from copd_megatron.rewards.registry import get_verifier
-from copd_megatron.rewards.synthetic import generate, sft_text
+from copd_megatron.rewards.synthetic import generate, get_family, sft_text
 
 logger = logging.getLogger("make_base")
 
@@ -41,6 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--eval-prompts", type=int, default=64)
     p.add_argument("--model", nargs="*", default=[], help="model.* overrides, e.g. model.num_layers=4")
+    p.add_argument("--vision", default=None, help="vision preset (e.g. tiny): make a vision-language base")
     return p
 
 
@@ -52,13 +58,46 @@ def levels(families: list[str], spec: list[str]) -> dict[str, int]:
     return {f: int(table.get(f, 2)) for f in families}
 
 
-def build_tokenizer(out: Path, difficulty: dict[str, int], vocab_size: int, seed: int):
+def build_tokenizer(out: Path, difficulty: dict[str, int], vocab_size: int, seed: int, symbols: tuple[str, ...] = ()):
     texts = []
     for fam, level in difficulty.items():
-        for s in generate(fam, 3000, level, seed=seed + 100):
+        for s in generate(fam, 3000 if not get_family(fam).visual else 300, level, seed=seed + 100):
             prompt, target = sft_text(s)
             texts.append(prompt + target)
-    return load_tokenizer(train_sentencepiece(texts, out / "tokenizer", vocab_size=vocab_size))
+    model = train_sentencepiece(texts, out / "tokenizer", vocab_size=vocab_size, user_defined_symbols=symbols)
+    return load_tokenizer(model)
+
+
+def _model_section(args, tok) -> dict:
+    model = {"preset": "tiny", "vocab_size": tok.vocab_size, "seq_length": 64}
+    if args.vision:
+        ids = [tok.encode(marker) for marker in ("<image>", "<video>")]  # user-defined symbols: one id each
+        model["seq_length"] = 160  # a 6-frame video is 96 placeholders at the tiny preset
+        model["arch"] = "llava"
+        model["vision"] = {"preset": args.vision, "image_token_id": ids[0][0], "video_token_id": ids[1][0],
+                           "video_fps": 1.0, "max_frames": 8}  # fmt: skip
+    return model
+
+
+def _batches(tok, cfg, samples, pad_id):
+    """SFT micro-batches of ``samples`` (text rows, or rows with images with a vision model)."""
+    from copd_megatron.training.media_batches import sft_media_microbatches
+    from copd_megatron.training.sft import sft_microbatches
+
+    mbs = cfg.parallel.micro_batch_size
+    if cfg.model.vision is None:
+        return sft_microbatches(tok, [sft_text(s) for s in samples], mbs, pad_id)
+    return sft_media_microbatches(tok, samples, [sft_text(s)[1] for s in samples], mbs, pad_id)
+
+
+def _samples(cfg, family: str, n: int, level: int, seed: int) -> list:
+    """``n`` samples of ``family``; with a vision model, their media checked and frames sampled."""
+    samples = generate(family, n, level, seed=seed)
+    if cfg.model.vision is not None:
+        from copd_megatron.data.media import resolve_samples
+
+        samples = resolve_samples(samples, cfg.model.vision, f"synthetic:{family}")
+    return samples
 
 
 def make_base(args) -> dict:
@@ -66,19 +105,20 @@ def make_base(args) -> dict:
 
     from copd_megatron.checkpoint.dist_ckpt import save_model
     from copd_megatron.distributed.init import init_model_parallel, set_seed
-    from copd_megatron.model.build import build_model_chunks, transformer_config, wrap_and_optimize
+    from copd_megatron.distributed.groups import shared_groups
+    from copd_megatron.model.build import wrap_and_optimize
+    from copd_megatron.model.provider import make_provider
     from copd_megatron.rollout.evaluate import evaluate
     from copd_megatron.rollout.megatron_engine import MegatronEngine
-    from copd_megatron.training.sft import sft_microbatches
     from copd_megatron.training.step import train_step
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     difficulty = levels(args.families, args.difficulty)
-    tok = build_tokenizer(out, difficulty, args.vocab_size, args.seed)
+    tok = build_tokenizer(out, difficulty, args.vocab_size, args.seed, ("<image>", "<video>") if args.vision else ())
     cfg = config_from_dict({
         "seed": args.seed, "schedule": {"mode": "smoke"}, "precision": {"params_dtype": "fp32"},
-        "model": {"preset": "tiny", "vocab_size": tok.vocab_size, "seq_length": 64},
+        "model": _model_section(args, tok),
         "optimizer": {"lr": args.lr, "lr_schedule": "cosine", "min_lr": args.lr / 10, "warmup_steps": 10,
                       "weight_decay": 0.0},
         "parallel": {"micro_batch_size": args.batch},
@@ -86,19 +126,21 @@ def make_base(args) -> dict:
     layout = validate(cfg, torch.distributed.get_world_size())
     init_model_parallel(layout)
     set_seed(cfg.seed)
-    tcfg = transformer_config(cfg.model, cfg.parallel, cfg.precision)
-    chunks = build_model_chunks(cfg.model, cfg.parallel, cfg.precision, tcfg)
-    branch = wrap_and_optimize(chunks, tcfg, cfg.parallel, cfg.precision, cfg.optimizer, args.steps)
+    provider, groups = make_provider(cfg.model, cfg.parallel, cfg.precision), shared_groups()
+    chunks = provider.build_chunks(groups)
+    branch = wrap_and_optimize(chunks, provider.tcfg, cfg.parallel, cfg.precision, cfg.optimizer, args.steps, groups,
+                               provider)  # fmt: skip
     per_family = max(1, args.batch // len(args.families))
-    pools = {f: generate(f, per_family * args.steps, difficulty[f], seed=args.seed) for f in args.families}
+    pools = {f: _samples(cfg, f, per_family * args.steps, difficulty[f], args.seed) for f in args.families}
     for step in range(args.steps):
-        pairs = [sft_text(s) for f in args.families for s in pools[f][step * per_family : (step + 1) * per_family]]
-        mine = pairs[ps.get_data_parallel_rank() :: layout.dp]  # this data-parallel rank's share
-        res = train_step(branch, sft_microbatches(tok, mine, cfg.parallel.micro_batch_size, tok.pad_id))
+        batch = [s for f in args.families for s in pools[f][step * per_family : (step + 1) * per_family]]
+        mine = batch[ps.get_data_parallel_rank() :: layout.dp]  # this data-parallel rank's share
+        res = train_step(branch, _batches(tok, cfg, mine, tok.pad_id))
         if step % 25 == 0 or step == args.steps - 1:
             logger.info("sft step %d/%d | loss %.4f", step + 1, args.steps, res.loss)
-    engine = MegatronEngine(branch.chunks[0], cfg.model.vocab_size, pad_id=tok.pad_id, decode=tok.decode)
-    held_out = {f: (generate(f, args.eval_prompts, difficulty[f], seed=args.seed + 999),
+    engine = MegatronEngine(branch.chunks[0], cfg.model.vocab_size, pad_id=tok.pad_id, decode=tok.decode,
+                            provider=provider, groups=groups)  # fmt: skip
+    held_out = {f: (_samples(cfg, f, args.eval_prompts, difficulty[f], args.seed + 999),
                     get_verifier(f"synthetic_{f}")) for f in args.families}  # fmt: skip
     scores = evaluate(engine, tok, held_out, max_new_tokens=12, stop=["\n"])
     save_model([c.module for c in branch.chunks], out / "checkpoint", cfg.model, "fp32")
@@ -115,6 +157,13 @@ def main(argv: list[str] | None = None) -> int:
     from copd_megatron.utils.logging import setup_logging
 
     args = _parser().parse_args(argv)
+    try:
+        visual = [f for f in args.families if get_family(f).visual]
+        if visual and not args.vision:
+            raise ConfigError(f"--families {visual} have images; add --vision tiny for a vision-language base")
+    except ConfigError as e:
+        print(f"make_base.py: error: {e}", file=sys.stderr)
+        return 2
     env = read_dist_env()
     setup_logging("INFO", env.rank)
     init_distributed(env)

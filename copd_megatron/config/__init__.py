@@ -7,7 +7,7 @@ from copd_megatron.config.load import (
     dump_config,
     load_config,
 )
-from copd_megatron.config.presets import PRESETS
+from copd_megatron.config.presets import PRESETS, VISION_PRESETS
 from copd_megatron.config.schema import (
     BranchConfig,
     CheckpointConfig,
@@ -25,11 +25,13 @@ from copd_megatron.config.schema import (
     PrecisionConfig,
     RolloutConfig,
     ScheduleConfig,
+    VisionConfig,
 )
 from copd_megatron.config.validate import validate
 
 __all__ = [
-    "PRESETS", "BranchConfig", "CheckpointConfig", "Config", "ConfigError", "EvalConfig", "LoggingConfig", "LossConfig",
-    "MemoryConfig", "MergeConfig", "ModelConfig", "OPDConfig", "OptimizerConfig", "ParallelConfig", "PrecisionConfig", "RolloutConfig",
+    "PRESETS", "VISION_PRESETS", "BranchConfig", "CheckpointConfig", "Config", "ConfigError", "EvalConfig",
+    "LoggingConfig", "LossConfig", "MemoryConfig", "MergeConfig", "ModelConfig", "OPDConfig", "OptimizerConfig",
+    "ParallelConfig", "PrecisionConfig", "RolloutConfig", "VisionConfig",
     "ScheduleConfig", "config_from_dict", "config_hash", "config_to_dict", "dump_config", "load_config", "validate",
 ]  # fmt: skip

@@ -19,7 +19,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from copd_megatron.config.presets import PRESETS
+from copd_megatron.config.presets import PRESETS, VISION_PRESETS
 from copd_megatron.config.schema import Config, ConfigError
 
 
@@ -43,6 +43,9 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
+        others = [a for a in args if a is not type(None)]
+        if len(others) == 1 and dataclasses.is_dataclass(others[0]):
+            return _convert(value, others[0], key)  # an optional section: its own errors name the field
         errors = []
         for arg in (a for a in args if a is not type(None)):
             try:
@@ -163,6 +166,18 @@ def _apply_preset(tree: dict) -> None:
     tree["model"] = {**PRESETS[name], **model}
 
 
+def _apply_vision_preset(tree: dict) -> None:
+    """Fill ``model.vision`` from its preset; explicit vision keys win over the preset."""
+    vision = tree.get("model", {}).get("vision") if isinstance(tree.get("model"), dict) else None
+    if not isinstance(vision, dict) or vision.get("preset") is None:
+        return
+    name = vision["preset"]
+    if name not in VISION_PRESETS:
+        raise ConfigError(f"model.vision.preset: unknown preset {name!r}; expected one of "
+                          f"{', '.join(sorted(VISION_PRESETS))}")  # fmt: skip
+    tree["model"]["vision"] = {**VISION_PRESETS[name], **vision}
+
+
 def config_from_dict(tree: dict, overrides: list[str] | None = None, source: str = "<dict>") -> Config:
     """Build a validated-per-field :class:`Config` from a plain mapping plus overrides."""
     tree = copy.deepcopy(tree)  # overrides must not leak into the caller's mapping
@@ -170,6 +185,7 @@ def config_from_dict(tree: dict, overrides: list[str] | None = None, source: str
         for item in overrides or []:
             _apply_override(tree, item)
         _apply_preset(tree)
+        _apply_vision_preset(tree)
         return _build(Config, tree, "")
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
@@ -215,5 +231,7 @@ def config_hash(cfg: Config) -> str:
     import json
 
     tree = {k: v for k, v in config_to_dict(cfg).items() if k not in _RESUMABLE}
+    if tree["model"].get("vision") is None:  # text-only runs hash as they did before the field existed
+        tree["model"].pop("vision", None)
     tree["schedule"] = {k: v for k, v in tree["schedule"].items() if k != "train_steps"}
     return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:16]

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from copd_megatron.data.batch import RAGGED, ROW, TARGET, Batch
-from copd_megatron.data.tokenizer import encode_prompt
+from copd_megatron.data.media import prompt_inputs
 from copd_megatron.losses import group_advantages, opd_advantage
 from copd_megatron.rollout.types import GenerationRequest, RolloutBatch, SamplingParams
 from copd_megatron.utils.seeds import derived_seed
@@ -53,8 +53,7 @@ def requests(tokenizer, prompts: list, indices: list[int], group_size: int, *see
     """G requests per prompt, each seeded by (seed_parts, global prompt index, sample index)."""
     out = []
     for sample, i in zip(prompts, indices):
-        ids = encode_prompt(tokenizer, sample.prompt)
-        media = getattr(sample, "media", None) or {}
+        ids, media = prompt_inputs(tokenizer, sample)  # text: encode_prompt, {}; images: placeholders + pixels
         out.extend(GenerationRequest(ids, derived_seed(*seed_parts, i, g), media) for g in range(group_size))
     return out
 

@@ -23,7 +23,7 @@ from copd_megatron.copd.router import Router
 from copd_megatron.copd.sources import Source, make_sources, make_streams, sampling
 from copd_megatron.copd.step import StepEnv
 from copd_megatron.distributed.groups import Placement, build_placement
-from copd_megatron.data.tokenizer import encode_prompt
+from copd_megatron.data.media import prompt_inputs
 from copd_megatron.distributed.init import set_seed
 from copd_megatron.model.build import wrap_and_optimize
 from copd_megatron.model.provider import make_provider
@@ -133,9 +133,10 @@ def rollout_parity(run: Run) -> dict[str, dict]:
     n = cfg.rollout.parity_prompts
     out = {}
     for name, w in run.workers.items() if n else ():
-        prompts = [encode_prompt(tok, s.prompt) for s in run.sources[name].held_out[:n]]
+        inputs = [prompt_inputs(tok, s) for s in run.sources[name].held_out[:n]]  # ids (+ images of VLM prompts)
         w.activate()
-        out[name] = parity_check(w, prompts, sampling(cfg, tok), warn=cfg.rollout.parity_warn)
+        out[name] = parity_check(w, [i for i, _ in inputs], sampling(cfg, tok), warn=cfg.rollout.parity_warn,
+                                 media=[m for _, m in inputs])  # fmt: skip
         w.deactivate()
     return out
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from copd_megatron.config.schema import Config
+from copd_megatron.config.schema import Config, ConfigError
+from copd_megatron.data.media import load_multimodal_prompts, resolve_samples
 from copd_megatron.data.prompts import PromptSample, PromptStream, load_prompts
 from copd_megatron.rewards import synthetic
 from copd_megatron.rewards.registry import get_verifier
@@ -30,17 +31,32 @@ class Source:
     verifier: object
 
 
+VISUAL_POOL = 4000  # generated prompts of a visual family (pixels are kept in memory: 3 KB per 32x32 image)
+
+
 def make_source(cfg: Config, index: int) -> Source:
-    b = cfg.branches[index]
+    """A branch's prompts. With ``model.vision`` their images and videos are checked and resolved
+    (``data/media.py``): every branch is the same vision-language model, text rows included."""
+    b, vision = cfg.branches[index], cfg.model.vision
     if b.data.startswith("synthetic:"):
         family = b.data.split(":", 1)[1]
-        train = synthetic.generate(family, 20000, b.difficulty, seed=cfg.seed)
+        visual = synthetic.get_family(family).visual
+        if visual and vision is None:
+            raise ConfigError(f"branches.{index}.data: synthetic family {family!r} has images; it needs model.vision")
+        train = synthetic.generate(family, VISUAL_POOL if visual else 20000, b.difficulty, seed=cfg.seed)
         held = synthetic.generate(family, cfg.eval.prompts_per_domain, b.difficulty, seed=cfg.eval.seed)
+        if vision is not None:
+            train, held = (resolve_samples(x, vision, b.data) for x in (train, held))
         domain = family
     else:
-        train, _ = load_prompts(b.data, domain=b.name)
+        def load(path: str) -> list[PromptSample]:
+            if vision is None:
+                return load_prompts(path, domain=b.name)[0]
+            return load_multimodal_prompts(path, vision, domain=b.name)[0]
+
+        train = load(b.data)
         domain = train[0].domain
-        held = load_prompts(b.eval_data, domain=b.name)[0] if b.eval_data else train[-cfg.eval.prompts_per_domain :]
+        held = load(b.eval_data) if b.eval_data else train[-cfg.eval.prompts_per_domain :]
         if not b.eval_data:
             train = train[: -cfg.eval.prompts_per_domain] or train
     return Source(domain, b.name, train, held[: cfg.eval.prompts_per_domain], get_verifier(b.verifier))

@@ -42,6 +42,8 @@ class PromptSample:
     domain: str  # capability / branch domain ("arithmetic", "math", "code", ...)
     extra: dict = field(default_factory=dict)  # the row's other fields (tolerance, choices, tests, ...)
     index: int = 0  # position in its dataset after filtering (a stable id for logs and resume checks)
+    source: str = field(default="", compare=False)  # "FILE:LINE" of the row, for errors found later (media)
+    vision: Any = field(default=None, compare=False, repr=False)  # model.vision its media were resolved for
 
 
 class PromptDataset(Sequence[PromptSample]):

@@ -13,7 +13,8 @@ ids for vision-language models) and reads the batch fields it declares (``fields
 pixel values of each row), so code written for token tensors never sees pixel tensors.
 
 ``GPTProvider`` is the text model (Llama / Qwen families); vision-language providers register
-themselves under their ``model.arch`` name.
+themselves under their ``model.arch`` name (``llava``: ``model/vlm.py``). A provider may name
+vocabulary ids the sampler must never produce (``never_sample``: image placeholders).
 """
 
 from __future__ import annotations
@@ -121,6 +122,8 @@ def forward_of(provider) -> Callable:
 
 def make_provider(model_cfg, parallel, precision, tcfg=None) -> ModelProvider:
     """The provider of ``model_cfg`` (text models: ``gpt``)."""
+    from copd_megatron.model import vlm  # noqa: F401 - registers "llava"
+
     arch = model_cfg.arch
     if arch not in PROVIDERS:
         raise KeyError(f"model.arch {arch!r} has no provider; available: {sorted(PROVIDERS)}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from copd_megatron.data.media import prompt_inputs
 from copd_megatron.data.tokenizer import encode_prompt
 from copd_megatron.rollout.types import GenerationRequest, SamplingParams
 from copd_megatron.utils.seeds import derived_seed
@@ -27,8 +28,10 @@ def completions(engine, tokenizer, samples: list, params: SamplingParams, encode
     if not samples:
         return []
     seeds = seeds or [0] * len(samples)
-    requests = [GenerationRequest(encode(tokenizer, s.prompt), seed, getattr(s, "media", None) or {})
-                for s, seed in zip(samples, seeds)]  # fmt: skip
+    requests = []
+    for s, seed in zip(samples, seeds):
+        ids, media = _inputs(tokenizer, s, encode)
+        requests.append(GenerationRequest(ids, seed, media))
     batch = engine.generate(requests, params)
     out = []
     for i in range(len(samples)):
@@ -37,6 +40,14 @@ def completions(engine, tokenizer, samples: list, params: SamplingParams, encode
             ids = ids[:-1]
         out.append(tokenizer.decode(ids))
     return out
+
+
+def _inputs(tokenizer, sample, encode) -> tuple[list[int], dict]:
+    """(prompt ids, media) of a request: samples with images expand their placeholders (data/media.py)."""
+    if getattr(sample, "vision", None) is not None:
+        ids, media = prompt_inputs(tokenizer, sample)
+        return ids, media
+    return encode(tokenizer, sample.prompt), {}
 
 
 def _dp(groups) -> tuple[int, int, object]:

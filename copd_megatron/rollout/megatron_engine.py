@@ -92,6 +92,7 @@ class MegatronEngine:
         self.decode = decode  # needed for stop strings
         self.use_kv_cache = use_kv_cache
         self.forward = forward_of(provider)
+        self.never_sample = list(getattr(provider, "never_sample", ()))  # e.g. image placeholder ids
         self.groups = groups if groups is not None else (shared_groups() if dist.is_initialized() else None)
         self.weight_version = 0
 
@@ -220,6 +221,7 @@ class MegatronEngine:
         if g is not None and g.tp_size > 1:
             logits = gather_from_tensor_model_parallel_region(logits, g.tp)  # [n, V]: one position only
         logits[:, self.vocab_size :] = float("-inf")  # padded vocabulary entries
+        logits[:, self.never_sample] = float("-inf")  # ids the model reserves (image placeholders)
         return logits
 
     def _sample_and_share(self, logits, params, uniforms, n) -> tuple[torch.Tensor, torch.Tensor]:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 from typing import Sequence
 
-from copd_megatron.data.batch import TARGET, Batch
+from copd_megatron.data.batch import RAGGED, TARGET, Batch
 from copd_megatron.losses.mismatch import mismatch_metrics
 from copd_megatron.rollout.types import GenerationRequest, RolloutBatch, SamplingParams
 
@@ -26,16 +26,21 @@ logger = logging.getLogger(__name__)
 
 
 def rollout_as_batch(r: RolloutBatch) -> Batch:
-    """The fields ``BranchWorker.score`` needs: tokens and the target-aligned response mask."""
+    """The fields ``BranchWorker.score`` needs: tokens, the target-aligned response mask, media (if any)."""
     b = Batch(r.tokens)
     b.set("loss_mask", r.response_mask[:, 1:].contiguous(), TARGET)
+    if r.media and any(r.media):
+        b.set("media", list(r.media), RAGGED)
     return b
 
 
-def parity_check(worker, prompts: Sequence[list[int]], params: SamplingParams, *, warn: float = 0.02) -> dict[str, float]:
-    """Generate ``prompts`` (seed i for prompt i) with ``worker``'s engine, score the rollouts with the
-    trainer, log the mismatch and return :func:`mismatch_metrics`. Collective over the branch."""
-    requests = [GenerationRequest(list(p), seed=i) for i, p in enumerate(prompts)]
+def parity_check(worker, prompts: Sequence[list[int]], params: SamplingParams, *, warn: float = 0.02,
+                 media: Sequence[dict] | None = None) -> dict[str, float]:  # fmt: skip
+    """Generate ``prompts`` (seed i for prompt i; ``media[i]``: its images, if any) with ``worker``'s engine,
+    score the rollouts with the trainer, log the mismatch and return :func:`mismatch_metrics`.
+    Collective over the branch."""
+    media = list(media) if media is not None else [{} for _ in prompts]
+    requests = [GenerationRequest(list(p), seed=i, media=m) for i, (p, m) in enumerate(zip(prompts, media))]
     rollouts = worker.generate(requests, params)
     trainer = worker.score(rollout_as_batch(rollouts))["logprobs"]
     metrics = mismatch_metrics(trainer, rollouts.logprobs[:, 1:], rollouts.response_mask[:, 1:])
