@@ -38,12 +38,15 @@ def save_model(
 ) -> None:
     """Save unwrapped ``GPTModel`` chunks (all ranks call this collectively). With ``model``,
     the architecture is recorded next to the shards so tools can rebuild it at any layout."""
+    import torch.distributed as dist
     from megatron.core import dist_checkpointing
 
     Path(ckpt_dir).mkdir(parents=True, exist_ok=True)
     dist_checkpointing.save(_sharded_state_dict(chunks), str(ckpt_dir))
     if model is not None:
         write_meta(ckpt_dir, model, params_dtype)
+        if dist.is_initialized():
+            dist.barrier()  # rank 0 wrote the meta file: every rank may read the checkpoint from here on
 
 
 def write_meta(ckpt_dir: str | Path, model: ModelConfig | None, params_dtype: str | None, layout: dict | None = None,

@@ -44,10 +44,11 @@ def validate(cfg: Config, world_size: int, *, cuda_available: bool | None = None
             f"optimizer.name: {cfg.optimizer.name!r} is not supported by Megatron's distributed optimizer; "
             "use 'adam' or set parallel.use_distributed_optimizer=false"
         )
-    if cfg.schedule.mode != "smoke" and cfg.rollout.prompts_per_step % layout.dp:
+    branch_dp = layout.dp // model_branch_count(cfg) if cfg.parallel.placement == "disjoint" else layout.dp
+    if cfg.schedule.mode != "smoke" and branch_dp and cfg.rollout.prompts_per_step % branch_dp:
         raise ConfigError(
-            f"rollout.prompts_per_step: {cfg.rollout.prompts_per_step} is not divisible by the data-parallel size "
-            f"{layout.dp}; every data-parallel rank needs the same number of prompts"
+            f"rollout.prompts_per_step: {cfg.rollout.prompts_per_step} is not divisible by a branch's data-parallel "
+            f"size {branch_dp}; every data-parallel rank needs the same number of prompts"
         )
     if cfg.rollout.engine == "megatron" and cfg.parallel.vpp is not None and cfg.schedule.mode != "smoke":
         raise ConfigError("parallel.vpp: the Megatron rollout engine does not support virtual pipeline stages; set null")
@@ -86,11 +87,6 @@ def _validate_placement(cfg: Config, layout: Layout) -> None:
         )
     if cfg.parallel.ep > 1:
         raise ConfigError("parallel.placement: 'disjoint' supports dense models only (parallel.ep must be 1)")
-    if k > 1 and cfg.rollout.prompts_per_step % (layout.dp // k):
-        raise ConfigError(
-            f"rollout.prompts_per_step: {cfg.rollout.prompts_per_step} is not divisible by a branch's data-parallel "
-            f"size {layout.dp // k} (disjoint placement); every data-parallel rank needs the same number of prompts"
-        )
 
 
 def _validate_merge(cfg: Config) -> None:

@@ -80,8 +80,10 @@ def native_batch(r: Rollouts, old_logprobs: torch.Tensor, group_size: int, advan
     adv, degenerate = group_advantages(r.rewards.view(-1, group_size), mode=advantage)
     batch.set("advantages", adv.reshape(-1, 1).float().to(mask.device) * mask, TARGET)
     batch.set("old_logprobs", old_logprobs, TARGET)
-    stats = {"degenerate_groups": float(degenerate), "groups": float(r.rewards.numel() // group_size),
-             "rows": float(len(batch))}  # fmt: skip
+    # (sum, count) pairs, reduced over data-parallel ranks as Σsum / Σcount: the fraction of groups
+    # whose rewards are all equal (no signal), and rows per data-parallel rank.
+    stats = {"degenerate_frac": (float(degenerate), float(r.rewards.numel() // group_size)),
+             "rows": (float(len(batch)), 1.0)}  # fmt: skip
     return batch, stats
 
 
@@ -92,9 +94,9 @@ def cross_batch(r: Rollouts, old_logprobs: torch.Tensor, teacher: dict, beta: fl
     batch = r.as_batch()
     mask = batch["loss_mask"]
     t_lp = teacher["logprobs"].to(mask.device)
-    n = mask.sum().clamp(min=1)
-    stats = {"opd_logratio": float(((t_lp - old_logprobs) * mask).sum() / n), "rows": float(len(batch)),
-             "teacher_version": float(teacher["weight_version"])}  # fmt: skip
+    # (sum, count) pairs, reduced over data-parallel ranks as Σsum / Σcount (see rollout_metrics).
+    stats = {"opd_logratio": (float(((t_lp - old_logprobs) * mask).sum()), float(mask.sum())),
+             "rows": (float(len(batch)), 1.0), "teacher_version": (float(teacher["weight_version"]), 1.0)}  # fmt: skip
     batch.set("old_logprobs", old_logprobs, TARGET)
     if opd_loss == "sampled":
         batch.set("advantages", opd_advantage(t_lp, old_logprobs, beta, mask), TARGET)
@@ -109,12 +111,16 @@ def cross_batch(r: Rollouts, old_logprobs: torch.Tensor, teacher: dict, beta: fl
     return batch, stats
 
 
-def rollout_metrics(r: Rollouts, prefix: str) -> dict[str, float]:
-    lens = r.batch.response_lens.float()
-    n = r.rewards.numel()
+def rollout_metrics(r: Rollouts | None, prefix: str) -> dict[str, tuple[float, float]]:
+    """(sum, count) pairs of one purpose's rollouts on this rank (``None``: this rank had no prompts
+    of the purpose). Summed over the data-parallel ranks, Σsum / Σcount is the global batch's mean
+    whatever the shares (tokens/s: the mean over the ranks that generated)."""
+    if r is None:
+        return {f"{prefix}/{k}": (0.0, 0.0) for k in ("reward", "pass@1", "response_len", "rollout_tokens_per_s")}
+    n = float(r.rewards.numel())
     return {
-        f"{prefix}/reward": float(r.rewards.mean()) if n else 0.0,
-        f"{prefix}/pass@1": float((r.rewards >= 1.0).float().mean()) if n else 0.0,  # sampled completions verified
-        f"{prefix}/response_len": float(lens.mean()) if lens.numel() else 0.0,
-        f"{prefix}/rollout_tokens_per_s": float(r.batch.meta.get("tokens_per_s", 0.0)),
+        f"{prefix}/reward": (float(r.rewards.sum()), n),
+        f"{prefix}/pass@1": (float((r.rewards >= 1.0).sum()), n),  # sampled completions verified correct
+        f"{prefix}/response_len": (float(r.batch.response_lens.float().sum()), n),
+        f"{prefix}/rollout_tokens_per_s": (float(r.batch.meta.get("tokens_per_s", 0.0)), 1.0),
     }

@@ -53,8 +53,9 @@ class StepState:
     stage: object
     plan: object
     rollouts: dict[str, list[Rollouts]] = field(default_factory=dict)
+    empty: dict[str, list] = field(default_factory=dict)  # branch → purposes (teacher, None = native) with no prompts on this rank
     batches: dict[str, Batch] = field(default_factory=dict)
-    metrics: dict[str, dict] = field(default_factory=dict)  # branch → rank-local metrics (sum/count pairs later)
+    metrics: dict[str, dict] = field(default_factory=dict)  # branch → rank-local (sum, count) pairs
     behaviour: dict[str, list] = field(default_factory=dict)  # "s->t" → [overlap·n, kl·n, n] on this rank
     times: dict[str, dict] = field(default_factory=dict)
 
@@ -89,15 +90,24 @@ def generate_phase(env: StepEnv, st: StepState, native_fraction: float) -> None:
         w, teachers = env.workers[name], st.plan.teachers[name]
         t0 = time.perf_counter()
         w.activate()
+        # Counts depend on the config only (never on the layout); a data-parallel rank whose share
+        # of a purpose is empty skips it and reports zero counts for it.
         n_native = P if not teachers else round(native_fraction * P)
-        out = []
+        out, empty = [], []
         seed = (cfg.seed, st.stage.name, name, st.plan.global_step)
-        if n_native:
-            prompts, idx = _mine(_native_prompts(w, n_native), w.groups)
-            out.append(roll(w, env.tokenizer, prompts, idx, G, params, verify, None, *seed, "native"))
-        for j, n in zip(teachers, split_evenly(P - n_native, len(teachers)) if teachers else []):
-            prompts, idx = _mine(w.streams[f"cross/{j}"].take(n), w.groups)
-            out.append(roll(w, env.tokenizer, prompts, idx, G, params, env.sources[j].verifier, j, *seed, "cross", j))
+        purposes = [(None, n_native)] + list(zip(teachers, split_evenly(P - n_native, len(teachers)) if teachers else []))
+        for j, n in purposes:
+            if n == 0:
+                continue
+            pool = _native_prompts(w, n) if j is None else w.streams[f"cross/{j}"].take(n)
+            prompts, idx = _mine(pool, w.groups)
+            if not prompts:
+                empty.append(j)
+            elif j is None:
+                out.append(roll(w, env.tokenizer, prompts, idx, G, params, verify, None, *seed, "native"))
+            else:
+                out.append(roll(w, env.tokenizer, prompts, idx, G, params, env.sources[j].verifier, j, *seed, "cross", j))
+        st.empty[name] = empty
         w.deactivate()
         st.rollouts[name] = out
         st.timed(name, "generate", time.perf_counter() - t0)
@@ -154,6 +164,12 @@ def _build_batches(env: StepEnv, st: StepState, own: dict, wanted: list, answers
     cross_answers = iter([a for w, a in zip(wanted, answers) if w[0] == "cross"])
     for name, rolls in st.rollouts.items():
         parts, m = [], st.metrics.setdefault(name, {})
+        for j in st.empty.get(name, []):  # this rank had no prompts of the purpose: zero counts, same keys
+            if j is None:
+                m.update(rollout_metrics(None, "native"), degenerate_frac=(0.0, 0.0), rows=(0.0, 1.0))
+            else:
+                m.update({f"cross/{j}/opd_logratio": (0.0, 0.0), f"cross/{j}/rows": (0.0, 1.0),
+                          f"cross/{j}/teacher_version": (0.0, 0.0)}, **rollout_metrics(None, f"cross/{j}"))  # fmt: skip
         for r, old in zip(rolls, own[name]):
             if r.teacher is None:
                 batch, stats = native_batch(r, old, cfg.rollout.group_size, cfg.loss.advantage)
@@ -197,14 +213,16 @@ def sync_phase(env: StepEnv, st: StepState) -> None:
         st.timed(name, "sync", time.perf_counter() - t0)
 
 
-def dp_mean(metrics: dict[str, float], groups) -> dict[str, float]:
-    """Average rank-local metrics over the branch's data-parallel group (same keys on every rank)."""
-    if not metrics or groups is None or groups.dp_size == 1:
-        return metrics
-    keys = sorted(metrics)
-    t = torch.tensor([metrics[k] for k in keys], dtype=torch.float64)
-    dist.all_reduce(t, group=groups.dp)
-    return {k: float(v) / groups.dp_size for k, v in zip(keys, t)}
+def dp_mean(pairs: dict[str, tuple[float, float]], groups) -> dict[str, float]:
+    """Σsum / Σcount of rank-local (sum, count) pairs over the branch's data-parallel group (the same
+    keys on every rank): the global batch's mean whatever each rank's share (0 where nothing was counted)."""
+    if not pairs:
+        return {}
+    keys = sorted(pairs)
+    t = torch.tensor([pairs[k] for k in keys], dtype=torch.float64)
+    if groups is not None and groups.dp_size > 1:
+        dist.all_reduce(t, group=groups.dp)
+    return {k: float(s / c) if c else 0.0 for k, (s, c) in zip(keys, t.tolist())}
 
 
 def dp_sum(values: list[float], groups) -> list[float]:
