@@ -1,10 +1,12 @@
 """Configuration: typed schema, strict YAML loading with overrides, cross-section validation."""
 
 from copd_megatron.config.load import (
+    check_resume,
     config_from_dict,
     config_hash,
     config_to_dict,
     dump_config,
+    experiment_dict,
     load_config,
 )
 from copd_megatron.config.presets import PRESETS
@@ -28,5 +30,5 @@ from copd_megatron.config.validate import validate
 __all__ = [
     "PRESETS", "BranchConfig", "CheckpointConfig", "Config", "ConfigError", "EvalConfig", "LoggingConfig", "LossConfig",
     "ModelConfig", "OptimizerConfig", "ParallelConfig", "PrecisionConfig", "RolloutConfig",
-    "ScheduleConfig", "config_from_dict", "config_hash", "config_to_dict", "dump_config", "load_config", "validate",
+    "ScheduleConfig", "check_resume", "config_from_dict", "experiment_dict", "config_hash", "config_to_dict", "dump_config", "load_config", "validate",
 ]  # fmt: skip
