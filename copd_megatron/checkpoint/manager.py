@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from copd_megatron.checkpoint.dist_ckpt import META_FILE, check_shapes, verify_files, write_meta
+from copd_megatron.checkpoint.dist_ckpt import META_FILE, check_shapes, prepare_writer, verify_files, write_meta
 from copd_megatron.config.schema import ConfigError
 from copd_megatron.utils.faults import maybe_die
 
@@ -118,6 +118,7 @@ def save_branch(
     """Save one branch (collective). Returns a megatron AsyncRequest when ``async_save``."""
     from megatron.core import dist_checkpointing
 
+    prepare_writer()  # Megatron's writer helpers exit if this process is killed
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     req = dist_checkpointing.save(
         _branch_sharded_state(branch, is_loading=False), str(ckpt_dir), sharded_strategy=_save_strategy(fully_parallel),
@@ -225,6 +226,8 @@ class CheckpointManager:
         self.keep_last, self.keep_every, self.async_save = keep_last, keep_every, async_save
         self.fully_parallel_save, self.fully_parallel_load = fully_parallel_save, fully_parallel_load
         self._queue = None
+        self._resumed_from: Path | None = None  # the iteration directory load() read
+        self._last_saved: int | None = None
         if async_save:
             from megatron.core.dist_checkpointing.strategies.async_utils import (
                 AsyncCallsQueue,
@@ -237,6 +240,12 @@ class CheckpointManager:
         """Collective. The checkpoint becomes visible (``latest``) only once complete everywhere."""
         self.wait()  # at most one save in flight: never two writers on the same files
         it_dir = self.save_dir / f"iter_{iteration:07d}"
+        if iteration == self._last_saved or (self._resumed_from is not None and it_dir.resolve() == self._resumed_from):
+            # Nothing was trained since: this iteration is on disk, complete. Rewriting it would
+            # delete the checkpoint `latest` names (the one this run resumed from) first.
+            logger.info("checkpoint %s is already saved", it_dir)
+            return
+        self._last_saved = iteration
         if _rank() == 0 and it_dir.exists():
             shutil.rmtree(it_dir)  # a stale, incomplete attempt at the same iteration
         if dist.is_initialized():
@@ -292,14 +301,7 @@ class CheckpointManager:
     # -- loading ------------------------------------------------------------------------------
     def resolve(self, load_dir: str | Path) -> Path:
         """The complete iteration directory to resume from: ``load_dir`` itself or its ``latest``."""
-        path = Path(load_dir)
-        if (path / "latest").is_file():
-            path = path / (path / "latest").read_text().strip()
-        if not path.is_dir():
-            raise ConfigError(f"checkpoint.load_dir: {path} does not exist")
-        if not (path / "COMPLETE").is_file():
-            raise ConfigError(f"checkpoint.load_dir: {path} is incomplete (no COMPLETE marker); it was never finished")
-        return path
+        return resolve_load_dir(load_dir)
 
     def read_run_state(self, load_dir: str | Path) -> dict:
         """The run state of the checkpoint ``load`` would resume (reads one small file)."""
@@ -316,8 +318,33 @@ class CheckpointManager:
         run_state = json.loads((it_dir / "run_state.json").read_text())
         for name, branch in branches.items():
             load_branch(branch, it_dir / name, self.fully_parallel_load)
+        self._resumed_from = it_dir.resolve()
         logger.info("resumed from %s (iteration %d)", it_dir, run_state["iteration"])
         return run_state
+
+
+def resolve_load_dir(load_dir: str | Path) -> Path:
+    """The complete iteration directory ``checkpoint.load_dir`` names (itself, or its save
+    directory's ``latest``), or a one-line error saying what the path is instead."""
+    path = Path(load_dir)
+    if not path.exists():
+        raise ConfigError(f"checkpoint.load_dir: {path} does not exist")
+    if not path.is_dir():
+        raise ConfigError(f"checkpoint.load_dir: {path} is a file; expected a save directory or an iter_* directory")
+    if (path / "latest").is_file():
+        path = path / (path / "latest").read_text().strip()
+        if not path.is_dir():
+            raise ConfigError(f"checkpoint.load_dir: {path}, named by {path.parent / 'latest'}, does not exist")
+    if (path / "COMPLETE").is_file():
+        return path
+    if (path / "metadata.json").is_file():
+        raise ConfigError(f"checkpoint.load_dir: {path} holds one model's weights, not a run to resume; to start from "
+                          "them set checkpoint.base instead")  # fmt: skip
+    if _ITER.match(path.name) or (path / "run_state.json").exists():
+        raise ConfigError(f"checkpoint.load_dir: {path} is incomplete (no COMPLETE marker); the save never finished, "
+                          f"resume from an earlier iteration or from {path.parent}")  # fmt: skip
+    raise ConfigError(f"checkpoint.load_dir: {path} is not a checkpoint; expected a save directory with a 'latest' "
+                      "file (e.g. runs/x/checkpoints) or one of its iter_NNNNNNN directories")  # fmt: skip
 
 
 def _atomic_write(path: Path, text: str) -> None:

@@ -1,0 +1,37 @@
+"""What every command-line tool shares: one-line errors with exit code 2, printed once.
+
+A user mistake (a bad flag, a missing file, a config value) is one line on stderr,
+``<prog>: error: <what is wrong and what was expected>``, and exit code 2, without a usage
+block or a traceback. Under ``torchrun`` or ``srun`` every rank finds the same mistake; only
+global rank 0 prints it, so a 64-rank launch shows one line, not 64.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import NoReturn
+
+EXIT_USER_ERROR = 2
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """``argparse`` whose errors are one line (``--help`` shows the usage) and exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
+
+
+def report_error(prog: str, error: object, rank: int = 0) -> int:
+    """Print ``error`` as one line on rank 0; return the exit code every rank should use."""
+    if rank == 0:
+        text = " ".join(str(error).split("\n"))
+        print(f"{prog}: error: {text}", file=sys.stderr, flush=True)
+    return EXIT_USER_ERROR
+
+
+def doc_summary(doc: str | None) -> str:
+    """The first paragraph of a module docstring as one line (an ``argparse`` description)."""
+    first = (doc or "").strip().split("\n\n")[0]
+    return " ".join(first.split())
