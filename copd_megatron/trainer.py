@@ -17,11 +17,12 @@ import torch
 
 from copd_megatron.checkpoint.manager import CheckpointManager, PreemptionFlag
 from copd_megatron.config.layout import Layout
-from copd_megatron.config.load import config_hash
-from copd_megatron.config.schema import Config, ConfigError
+from copd_megatron.config.load import check_resume, config_hash, experiment_dict
+from copd_megatron.config.schema import Config
 from copd_megatron.model.build import build_branch, count_parameters
 from copd_megatron.training.step import MicroBatch, train_step
-from copd_megatron.utils.logging import MetricsWriter
+from copd_megatron.utils.logging import MetricsWriter, log_to_file
+from copd_megatron.utils.progress import format_seconds
 
 logger = logging.getLogger(__name__)
 
@@ -35,15 +36,9 @@ def counting_batch(step: int, seed: int, batch: int, seq_len: int, vocab: int) -
 
 def resume_or_start(cfg: Config, manager: CheckpointManager, branches: dict) -> dict:
     """Load the run state (and every branch) from ``checkpoint.load_dir``, or start fresh."""
-    if cfg.checkpoint.load_dir is None:
-        return {"step": 0, "config_hash": config_hash(cfg)}
-    state = manager.read_run_state(cfg.checkpoint.load_dir)
-    if state.get("config_hash") != config_hash(cfg):
-        raise ConfigError(
-            f"checkpoint.load_dir: {cfg.checkpoint.load_dir} was written by a different experiment config "
-            f"(hash {state.get('config_hash')} != {config_hash(cfg)}); only parallel/checkpoint/logging and "
-            "schedule.train_steps may change on resume"
-        )
+    if cfg.checkpoint.load_dir is None:  # the experiment config travels with every checkpoint
+        return {"step": 0, "config_hash": config_hash(cfg), "experiment": experiment_dict(cfg)}
+    check_resume(cfg, manager.read_run_state(cfg.checkpoint.load_dir), str(cfg.checkpoint.load_dir))
     return manager.load(cfg.checkpoint.load_dir, branches)
 
 
@@ -62,7 +57,8 @@ def run_smoke(cfg: Config, layout: Layout) -> list[float]:
     manager = make_manager(cfg)
     state = resume_or_start(cfg, manager, {"main": branch})
     preempt = PreemptionFlag()
-    writer = MetricsWriter(cfg.run_dir, enabled=rank0, tensorboard=cfg.logging.tensorboard)
+    writer = MetricsWriter(cfg.run_dir, enabled=rank0, tensorboard=cfg.logging.tensorboard,
+                           resume_step=state.get("iteration"))  # fmt: skip
     logger.info("branch built: %d parameters on rank 0 (a 1/(tp*pp) shard)", count_parameters(branch.chunks))
     mbs_per_rank = cfg.rollout.prompts_per_step // (cfg.parallel.micro_batch_size * layout.dp) or 1
     global_batch = mbs_per_rank * cfg.parallel.micro_batch_size * layout.dp
@@ -121,7 +117,8 @@ def run_recipe(cfg: Config, layout: Layout) -> dict:
         B.load_data_state(branches, state["data"])
     state.setdefault("stage", 0)
     rank0 = torch.distributed.get_rank() == 0
-    writer = MetricsWriter(cfg.run_dir, enabled=rank0, tensorboard=cfg.logging.tensorboard)
+    writer = MetricsWriter(cfg.run_dir, enabled=rank0, tensorboard=cfg.logging.tensorboard,
+                           resume_step=state.get("iteration"))  # fmt: skip
     dp, dp_rank = layout.dp, ps.get_data_parallel_rank()
     # The base, evaluated before any update (every branch starts from it), for the result table.
     base_eval = state.get("base_eval") or eval_table(cfg, tok, {"base": next(iter(branches.values())).engine}, sources)
@@ -169,7 +166,7 @@ def run_recipe(cfg: Config, layout: Layout) -> dict:
                 # Every branch on every domain's held-out prompts, not only its own.
                 metrics.update(_flat_eval(eval_table(cfg, tok, {n: b.engine for n, b in branches.items()}, sources)))
             writer.write(counter, metrics)
-            _log_step(stage, plan, metrics, done, remaining, time.perf_counter() - t_start)
+            _log_step(stage, plan, metrics, (counter, total), (done, remaining), time.perf_counter() - t_start)
             state.update(stage=si, step=plan.global_step + 1, counter=counter, data=B.data_state(branches))
             stop = preempt.should_stop()
             if stop or (cfg.checkpoint.save_interval and counter % cfg.checkpoint.save_interval == 0):
@@ -225,16 +222,17 @@ def _flat_eval(table: dict) -> dict[str, float]:
             if k != "n"}  # fmt: skip
 
 
-def _log_step(stage, plan, metrics: dict, done: int, total: int, elapsed: float) -> None:
-    eta = elapsed / max(done, 1) * max(total - done, 0)
+def _log_step(stage, plan, metrics: dict, step: tuple[int, int], done: tuple[int, int], elapsed: float) -> None:
+    """One line per step: the run's step (continued after a resume) and the ETA of what is left."""
+    eta = elapsed / max(done[0], 1) * max(done[1] - done[0], 0)
     parts = []
     for key, v in metrics.items():
         if key.startswith("branch/") and key.endswith(("/native/reward", "/loss")):
             parts.append(f"{key.removeprefix('branch/')} {v:.3f}")
         if key.startswith("pair/") and key.endswith("/overlap"):
             parts.append(f"{key.removeprefix('pair/')} {v:.3f}")
-    logger.info("%s c%d %s s%d | step %d/%d | ETA %.0fs | %s", stage.name, plan.cycle, plan.phase, plan.step_in_phase,
-                done, total, eta, " | ".join(parts))  # fmt: skip
+    logger.info("%s c%d %s s%d | step %d/%d | ETA %s | %s", stage.name, plan.cycle, plan.phase, plan.step_in_phase,
+                *step, format_seconds(eta), " | ".join(parts))  # fmt: skip
 
 
 def _write_eval(cfg: Config, table: dict, finals: list[str], rank0: bool) -> None:
@@ -252,3 +250,4 @@ def _write_eval(cfg: Config, table: dict, finals: list[str], rank0: bool) -> Non
         vals = [doms[d]["pass@1"] for d in domains]
         lines.append(f"| {m} | " + " | ".join(f"{v:.3f}" for v in vals) + f" | {sum(vals) / len(vals):.3f} |")
     print("\n".join(lines))
+    log_to_file("evaluation (greedy pass@1):\n" + "\n".join(lines))

@@ -62,17 +62,23 @@ def build_branches(cfg: Config, tokenizer, total_steps: int) -> tuple[dict[str, 
 
 def eval_table(cfg: Config, tokenizer, models: dict[str, MegatronEngine], sources: list[Source]) -> dict:
     """model → domain → {pass@1, mean@n}: every model on every domain's held-out prompts."""
+    from copd_megatron.utils.progress import Progress
+
     sets = {s.domain: (s.held_out, s.verifier) for s in sources}
-    return {
-        name: evaluate(engine, tokenizer, sets, max_new_tokens=cfg.rollout.max_new_tokens, stop=cfg.rollout.stop,
-                       samples=cfg.eval.samples, temperature=cfg.eval.temperature, seed=cfg.seed)
-        for name, engine in models.items()
-    }  # fmt: skip
+    progress = Progress("evaluation", len(models), logger, unit="models", every_s=10.0,
+                        enabled=torch.distributed.get_rank() == 0)  # fmt: skip
+    table = {}
+    for name, engine in models.items():
+        table[name] = evaluate(engine, tokenizer, sets, max_new_tokens=cfg.rollout.max_new_tokens, stop=cfg.rollout.stop,
+                               samples=cfg.eval.samples, temperature=cfg.eval.temperature, seed=cfg.seed)  # fmt: skip
+        progress.update(note=f"{name} on {', '.join(sets)} ({sum(len(v[0]) for v in sets.values())} prompts)")
+    return table
 
 
 @torch.no_grad()
 def merge_branches(cfg: Config, branches: dict[str, Branch], names: list[str], out_dir: str):
     """Merge ``names`` (same layout on every rank: shard-local), save, return an engine on it."""
+    logger.info("merging %s (%s) into %s", names, cfg.schedule.merge, out_dir)
     chunks, _ = _base_chunks(cfg)  # starts as the base: task vectors are relative to it
     models = [[_unwrap(c) for c in branches[n].model.chunks] for n in names]
     for ci, chunk in enumerate(chunks):
