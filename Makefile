@@ -12,7 +12,7 @@ $(STAMP): setup.py
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (Python 3.12 is required; megatron-core ships cp312 wheels only)"; exit 2; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[test,plots,hf]"
+	$(PY) -m pip install --quiet -e ".[test,plots,hf,tensorboard]"
 	touch $(STAMP)
 
 # The CPU demo: make the tiny base (tokenizer + SFT), run 2-branch CoPD, merge, evaluate, plot.
