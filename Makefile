@@ -20,7 +20,7 @@ DEMO_BASE := runs/demo/base
 demo: $(STAMP)
 	test -f $(DEMO_BASE)/base.json || $(PY) tools/make_base.py --out $(DEMO_BASE) --families count sort \
 		--difficulty 4 --steps 400 --model model.num_layers=4 model.hidden_size=128 model.ffn_hidden_size=352
-	$(PY) -m copd_megatron.cli configs/demo_cpu.yaml
+	$(PY) -m copd_megatron.cli configs/demo_cpu.yaml --force   # a re-run starts the demo over
 	$(PY) tools/plot_run.py runs/demo/copd --out runs/demo/copd/plots
 
 # The smallest end-to-end job: a tiny GPTModel trained as a language model at TP=2 on 2 processes.

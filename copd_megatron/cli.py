@@ -6,7 +6,8 @@ environment (torchrun or Slurm), check the files the config names and the run di
 (``preflight.py``), all before any process group starts; then run the recipe named by
 ``schedule.mode``. A mistake is one line on stderr (printed by rank 0 only) and exit code 2.
 ``--check`` stops after the checks and prints what was checked: the model, the layout, the
-files.
+files; ``--check-layout`` checks the config and layout only (for a cluster launch planned
+from a machine without its files).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 
 from copd_megatron.config import ConfigError, dump_config, load_config, validate
 from copd_megatron.distributed.init import read_dist_env
-from copd_megatron.utils.cli import EXIT_USER_ERROR, OneLineParser, report_error
+from copd_megatron.utils.cli import EXIT_USER_ERROR, OneLineParser, launcher_env_problem, report_error
 
 EXIT_CONFIG_ERROR = EXIT_USER_ERROR
 PROG = "copd-train"
@@ -38,7 +39,11 @@ def _train_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="YAML config file (see configs/)")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. parallel.tp=2 optimizer.lr=1e-6")
     p.add_argument("--check", action="store_true",
-                   help="check the config for this world size and the files it names, print the model, and exit")
+                   help="check the config for this world size and the files and run_dir it names on this machine, "
+                   "print the model, and exit")
+    p.add_argument("--check-layout", action="store_true",
+                   help="check the config and the parallel layout only (files are not looked at: plan a cluster "
+                   "launch from anywhere), print the model, and exit")
     p.add_argument("--force", action="store_true",
                    help="start over in a non-empty run_dir: the previous run's outputs there are removed first")
     return p
@@ -49,21 +54,21 @@ def train_main(argv: list[str] | None = None) -> int:
     from copd_megatron.utils.logging import filter_known_noise
 
     args = _train_parser().parse_args(argv)
-    try:
-        env = read_dist_env()
-    except ValueError as e:  # e.g. WORLD_SIZE=abc
-        return report_error(PROG, f"launcher environment: {e} (RANK, WORLD_SIZE, SLURM_PROCID, SLURM_NTASKS must be "
-                                  "integers)", 0)  # fmt: skip
+    problem = launcher_env_problem()
+    if problem:
+        return report_error(PROG, problem, 0)
+    env = read_dist_env()
     filter_known_noise()
     try:
         cfg = load_config(args.config, args.overrides)
         layout = validate(cfg, env.world_size)
-        report = preflight(cfg, force=args.force)
+        report = None if args.check_layout else preflight(cfg, force=args.force)
     except ConfigError as e:
         return report_error(PROG, e, env.rank)
-    if args.check:
+    if args.check or args.check_layout:
         if env.rank == 0:
-            _print_check(args.config, cfg, layout, env.world_size, report.lines)
+            lines = report.lines if report else ["files and run_dir: not checked (--check-layout); --check checks them"]
+            _print_check(args.config, cfg, layout, env.world_size, lines)
         return 0
     return _run(cfg, layout, env, report.removals, [PROG, *(sys.argv[1:] if argv is None else argv)])
 

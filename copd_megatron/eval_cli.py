@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 from copd_megatron.config.schema import ConfigError, EvalConfig, ParallelConfig, PrecisionConfig
-from copd_megatron.utils.cli import OneLineParser, report_error
+from copd_megatron.utils.cli import OneLineParser, launcher_env_problem, report_error
 
 logger = logging.getLogger("copd-eval")
 _EVAL = EvalConfig()  # the trainer's defaults: one place for the held-out seed and size
@@ -122,10 +122,10 @@ def main(argv: list[str] | None = None) -> int:
     from copd_megatron.utils.outputs import check_output
 
     args = _parser().parse_args(argv)
-    try:
-        env = read_dist_env()
-    except ValueError as e:
-        return report_error("copd-eval", f"launcher environment: {e}", 0)
+    problem = launcher_env_problem()
+    if problem:
+        return report_error("copd-eval", problem, 0)
+    env = read_dist_env()
     setup_logging("INFO", env.rank)
     try:  # everything that can be wrong with the inputs, before the model is built
         _check_args(args)

@@ -37,7 +37,7 @@ from copd_megatron.checkpoint.merge import (
 from copd_megatron.utils.outputs import check_output
 from copd_megatron.utils.progress import Progress
 from copd_megatron.config.schema import ConfigError
-from copd_megatron.utils.cli import OneLineParser, report_error
+from copd_megatron.utils.cli import OneLineParser, launcher_env_problem, report_error
 
 logger = logging.getLogger("copd-merge")
 
@@ -257,10 +257,10 @@ def main(argv: list[str] | None = None) -> int:
     from copd_megatron.utils.logging import setup_logging
 
     args = _parser().parse_args(argv)
-    try:
-        env = read_dist_env()
-    except ValueError as e:
-        return report_error("copd-merge", f"launcher environment: {e}", 0)
+    problem = launcher_env_problem()
+    if problem:
+        return report_error("copd-merge", problem, 0)
+    env = read_dist_env()
     setup_logging("INFO", env.rank)
     try:
         validate_args(args)

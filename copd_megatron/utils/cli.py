@@ -23,6 +23,22 @@ class OneLineParser(argparse.ArgumentParser):
         sys.exit(EXIT_USER_ERROR)
 
 
+LAUNCHER_INTEGERS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS",
+                     "SLURM_LOCALID", "SLURM_JOB_ID")  # fmt: skip
+
+
+def launcher_env_problem(environ=None) -> str | None:
+    """A one-line description of a launcher variable that is not an integer, or None."""
+    import os
+
+    env = os.environ if environ is None else environ
+    for name in LAUNCHER_INTEGERS:
+        value = env.get(name)
+        if value is not None and not value.strip().lstrip("-").isdigit():
+            return f"launcher environment: {name}={value!r} is not an integer (set by torchrun or Slurm; unset it to run one process)"
+    return None
+
+
 def report_error(prog: str, error: object, rank: int = 0) -> int:
     """Print ``error`` as one line on rank 0; return the exit code every rank should use."""
     if rank == 0:

@@ -36,17 +36,17 @@ class Progress:
         self.start = time.perf_counter()
         self._last_log: float | None = None
 
-    def eta(self) -> float:
+    def eta(self, now: float | None = None) -> float:
         """Seconds left at the mean rate so far."""
-        elapsed = time.perf_counter() - self.start
+        elapsed = (time.perf_counter() if now is None else now) - self.start
         return elapsed / max(self.done, 1) * max(self.total - self.done, 0)
 
-    def line(self, note: str = "") -> str:
-        elapsed = time.perf_counter() - self.start
+    def line(self, note: str = "", now: float | None = None) -> str:
+        now = time.perf_counter() if now is None else now
         pct = f" ({100 * self.done / self.total:.0f}%)" if self.total else ""
         unit = f" {self.unit}" if self.unit else ""
-        text = (f"{self.label}: {self.done}/{self.total}{unit}{pct} | {format_seconds(elapsed)} elapsed | "
-                f"ETA {format_seconds(self.eta())}")  # fmt: skip
+        text = (f"{self.label}: {self.done}/{self.total}{unit}{pct} | {format_seconds(now - self.start)} elapsed | "
+                f"ETA {format_seconds(self.eta(now))}")  # fmt: skip
         return f"{text} | {note}" if note else text
 
     def update(self, n: int = 1, note: str = "") -> None:
@@ -55,5 +55,5 @@ class Progress:
         now = time.perf_counter()
         due = self._last_log is None or now - self._last_log >= self.every_s or self.done >= self.total
         if self.enabled and due:
-            self.logger.info(self.line(note))
+            self.logger.info(self.line(note, now))
             self._last_log = now
