@@ -34,7 +34,7 @@ def _train_parser() -> argparse.ArgumentParser:
         "train with RLVR and mutual on-policy distillation, and are merged and evaluated at the end.",
         epilog="Config keys: every field, its type, default and meaning is in copd_megatron/config/schema.py "
         "(summary table in the README, section Configuration). "
-        "Example: torchrun --nproc-per-node 2 -m copd_megatron.cli configs/smoke_cpu.yaml parallel.tp=2",
+        "Example: .venv/bin/torchrun --nproc-per-node 2 -m copd_megatron.cli configs/smoke_cpu.yaml parallel.tp=2",
     )
     p.add_argument("config", help="YAML config file (see configs/)")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. parallel.tp=2 optimizer.lr=1e-6")

@@ -55,7 +55,8 @@ def check_run_dir(
     if resuming:
         return []
     held = sorted(p.name for p in d.iterdir()) if d.is_dir() else []
-    old_checkpoints = _save_dir_outputs(save) if not _inside(save, d) else []
+    # A save_dir other than run_dir/checkpoints (inside run_dir or elsewhere): its iterations.
+    old_checkpoints = _save_dir_outputs(save) if save.resolve() != (d / "checkpoints").resolve() else []
     if not held and not old_checkpoints:
         return []
     removals = [d / n for n in RUN_OUTPUTS if (d / n).exists() or (d / n).is_symlink()] + old_checkpoints

@@ -115,6 +115,11 @@ def test_run_dir_rules(tmp_path):
         check_run_dir(tmp_path / "other", resuming=False, force=False, save_dir=save)
     assert sorted(p.name for p in check_run_dir(tmp_path / "other", resuming=False, force=True, save_dir=save)) == [
         "iter_0000004", "latest"]  # fmt: skip
+    # ... and so does one inside run_dir under another name: --force clears its iterations too.
+    inner = tmp_path / "other" / "ckpt"
+    (inner / "iter_0000002").mkdir(parents=True)
+    assert sorted(p.name for p in check_run_dir(tmp_path / "other", resuming=False, force=True, save_dir=inner)) == [
+        "iter_0000002"]  # fmt: skip
 
 
 def test_truncate_metrics_keeps_steps_up_to_the_resumed_one(tmp_path):
