@@ -105,7 +105,7 @@ def _run(cfg, layout, env, removals: list[Path], argv: list[str]) -> int:
     init_distributed(env, cfg.parallel.backend)
     try:
         attach_log_file(cfg.run_dir, env.rank)
-        logger.info("%s (run_dir %s)", " ".join(argv), cfg.run_dir)
+        logger.info("command: %s (run_dir %s)", " ".join(argv), cfg.run_dir)
         logger.info("model: %s", describe_model(cfg.model))
         if removals:
             logger.info("--force: removed the previous run's %s", ", ".join(p.name for p in removals))

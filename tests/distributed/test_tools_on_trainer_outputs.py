@@ -251,6 +251,22 @@ def test_data_errors_are_one_line_once_even_under_torchrun(runs, tmp_path):
                           str(runs["base"] / "tokenizer.model"), *HELD_OUT]), f"shard file {shard.name} is truncated")
 
 
+# ----------------------------------------------------------------------------- item 5
+
+
+def test_values_that_crashed_mid_run_are_refused_before_it(runs, tmp_path):
+    """Real launches (not --check) with values that used to pass validation and then crash
+    (or silently score 0): each is one line and exit 2 in seconds, and no run_dir appears."""
+    (tmp_path / "a_file").write_text("x")
+    for override, message in (("rollout.prompts_per_step=0", "rollout.prompts_per_step: must be >= 1"),
+                              ("eval.prompts_per_domain=0", "eval.prompts_per_domain: must be >= 1"),
+                              ("schedule.cycles=0", "schedule.cycles: 0; mode 'copd' needs at least 1 cycle"),
+                              ("rollout.max_new_tokens=0", "rollout.max_new_tokens: must be >= 1"),
+                              (f"run_dir={tmp_path / 'a_file'}", "is a file; expected a directory")):  # fmt: skip
+        _one_line_error(_cli(_train_args(runs["base"], tmp_path / "run", override)), message)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+
+
 # ----------------------------------------------------------------------------- item 7
 
 
