@@ -9,8 +9,8 @@
 A set is ``NAME=PATH.jsonl:VERIFIER`` (rows with prompt/answer) or ``NAME=synthetic:FAMILY:LEVEL``.
 Synthetic sets are the trainer's held-out sets: the first ``--limit`` (default
 ``eval.prompts_per_domain``) prompts generated from ``--heldout-seed`` (default ``eval.seed``),
-so a checkpoint scores here what it scored in its run's ``eval.json`` (greedy pass@1 exactly;
-mean@n too with the run's ``--seed`` and ``--temperature``). Reports greedy pass@1 and, with
+so with the run's ``--max-new-tokens`` a checkpoint gets here the greedy pass@1 of its row in
+the run's ``eval.json`` (tested for branch, merged and converted checkpoints). Reports greedy pass@1 and, with
 ``--samples n > 1``, mean@n of sampled completions; prints a table, then writes JSON (``--out``).
 The architecture comes from the checkpoint's ``copd_meta.yaml``. All inputs and ``--out`` are
 checked before the model is built.

@@ -3,7 +3,8 @@
 A user mistake (a bad flag, a missing file, a config value) is one line on stderr,
 ``<prog>: error: <what is wrong and what was expected>``, and exit code 2, without a usage
 block or a traceback. Under ``torchrun`` or ``srun`` every rank finds the same mistake; only
-global rank 0 prints it, so a 64-rank launch shows one line, not 64.
+global rank 0 prints it, so a 64-rank launch shows one line, not 64 (see :func:`report_error`
+for how the other ranks make sure that line is not lost).
 """
 
 from __future__ import annotations
@@ -39,11 +40,24 @@ def launcher_env_problem(environ=None) -> str | None:
     return None
 
 
-def report_error(prog: str, error: object, rank: int = 0) -> int:
-    """Print ``error`` as one line on rank 0; return the exit code every rank should use."""
-    if rank == 0:
-        text = " ".join(str(error).split("\n"))
-        print(f"{prog}: error: {text}", file=sys.stderr, flush=True)
+def report_error(prog: str, error: object, rank: int = 0, grace_s: float = 20.0) -> int:
+    """Print ``error`` as one line on rank 0; return the exit code every rank should use.
+
+    Another rank must not exit first: torchrun (and ``srun --kill-on-bad-exit``) would then
+    kill rank 0 before it printed. So it waits ``grace_s`` seconds, during which rank 0's exit
+    normally ends it. If it is still alive afterwards, rank 0 did not fail this way (a file
+    only this node lacks, say), and it prints the error itself, naming its rank."""
+    text = " ".join(str(error).split("\n"))
+    if rank != 0:
+        import signal
+        import threading
+        import time
+
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the launcher's SIGTERM ends the wait
+        time.sleep(grace_s)
+        text = f"[rank {rank}] {text}"
+    print(f"{prog}: error: {text}", file=sys.stderr, flush=True)
     return EXIT_USER_ERROR
 
 
