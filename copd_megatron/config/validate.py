@@ -124,6 +124,13 @@ def _validate_branches(cfg: Config) -> None:
     if dupes:
         raise ConfigError(f"branches: duplicate branch names {dupes}; every branch needs a unique name")
     sched = cfg.schedule
+    if sched.mode == "smoke" and sched.train_steps < 1:
+        raise ConfigError(f"schedule.train_steps: {sched.train_steps}; mode 'smoke' needs at least 1 step")
+    if sched.mode != "smoke" and sched.cycles < 1:
+        raise ConfigError(f"schedule.cycles: {sched.cycles}; mode {sched.mode!r} needs at least 1 cycle")
+    if sched.mode != "smoke" and sched.s_rl + sched.s_opd < 1:
+        raise ConfigError(f"schedule.s_rl, schedule.s_opd: {sched.s_rl} + {sched.s_opd} steps per cycle; "
+                          "at least one must be >= 1")  # fmt: skip
     if sched.mode in ("copd", "static_opd", "mopd") and len(cfg.branches) < 2:
         raise ConfigError(f"branches: schedule.mode {sched.mode!r} needs at least 2 branches, got {len(names)}")
     if sched.topology == "hub":

@@ -103,14 +103,19 @@ def evaluate_engine(cfg: Config, tokenizer, engine, sources: dict[str, Source], 
 
 def evaluate_workers(run: Run, names: list[str] | None = None) -> dict:
     """model → domain → metrics for the given branches (default: every branch), on every rank:
-    each branch is evaluated on its own ranks, then the tables are shared."""
+    each branch is evaluated on its own ranks, then the tables are shared. Progress with an ETA."""
+    from copd_megatron.utils.progress import Progress
+
     cfg, tok = run.env.cfg, run.env.tokenizer
+    mine = [n for n in run.workers if names is None or n in names]
+    progress = Progress("evaluation", len(mine), logger, unit="models", every_s=10.0, enabled=dist.get_rank() == 0)
     table = {}
-    for name, w in run.workers.items():
-        if names is None or name in names:
-            w.activate()
-            table[name] = evaluate_engine(cfg, tok, w.engine, run.sources, w.groups)
-            w.deactivate()
+    for name in mine:
+        w = run.workers[name]
+        w.activate()
+        table[name] = evaluate_engine(cfg, tok, w.engine, run.sources, w.groups)
+        w.deactivate()
+        progress.update(note=f"{name} on {', '.join(s.domain for s in run.sources.values())}")
     return gather_tables(table, run.placement)
 
 
@@ -158,10 +163,14 @@ def merge_final(cfg: Config, inputs: list[str], out_dir: str) -> None:
     from copd_megatron.checkpoint.merge_cli import check_compatible, run_merge
 
     m = cfg.merge
-    args = SimpleNamespace(inputs=inputs, base=cfg.checkpoint.base, method=m.method, weights=m.weights, lam=m.lam,
+    from copd_megatron.checkpoint.merge import NEEDS_BASE
+
+    base = cfg.checkpoint.base if m.method in NEEDS_BASE else None  # an average reads no base
+    args = SimpleNamespace(inputs=inputs, base=base, method=m.method, weights=m.weights, lam=m.lam,
                            density=m.density, drop_p=m.drop_p, seed=cfg.seed if m.seed is None else m.seed,
                            tp=cfg.parallel.tp, pp=cfg.parallel.pp, out=out_dir)  # fmt: skip
     check_compatible(inputs + ([args.base] if args.base else []))
+    logger.info("merging %s (%s) into %s", [Path(i).name for i in inputs], m.method, out_dir)
     run_merge(args)
     logger.info("merged %s (%s) into %s", [Path(i).name for i in inputs], m.method, out_dir)
 
