@@ -29,6 +29,7 @@ from copd_megatron.config.layout import Layout
 from copd_megatron.config.load import config_hash
 from copd_megatron.config.schema import Config, ConfigError
 from copd_megatron.data.batch import MicroBatch
+from copd_megatron.distributed.device import runtime_device
 from copd_megatron.model.build import build_branch, count_parameters
 from copd_megatron.training.step import train_step
 from copd_megatron.utils.logging import MetricsWriter
@@ -86,7 +87,7 @@ def run_smoke(cfg: Config, layout: Layout) -> list[float]:
         tokens = counting_batch(step, cfg.seed, global_batch, seq, cfg.model.vocab_size)
         # This data-parallel rank's slice of the global batch, cut into micro-batches.
         mine = tokens.chunk(g.dp_size)[g.dp_rank]
-        mbs = [MicroBatch.from_tokens(m) for m in mine.split(cfg.parallel.micro_batch_size)]
+        mbs = [MicroBatch.from_tokens(m).to(runtime_device()) for m in mine.split(cfg.parallel.micro_batch_size)]
         res = train_step(branch, mbs, step_index=step)
         dt = time.perf_counter() - t0
         losses.append(res.loss)

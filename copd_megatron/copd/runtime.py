@@ -15,6 +15,7 @@ from types import SimpleNamespace
 import torch.distributed as dist
 
 from copd_megatron.checkpoint.dist_ckpt import load_model
+from copd_megatron.config.precision import token_pad_multiple
 from copd_megatron.config.schema import Config, ConfigError
 from copd_megatron.copd.recipes import branch_names
 from copd_megatron.copd.router import Router
@@ -45,7 +46,7 @@ def settings(cfg: Config) -> WorkerSettings:
         vocab_size=cfg.model.vocab_size, temperature=cfg.rollout.temperature,
         micro_batch_size=cfg.parallel.micro_batch_size, max_new_tokens=cfg.rollout.max_new_tokens, loss=cfg.loss,
         opd=cfg.opd, offload_weights=cfg.memory.offload_weights, offload_optimizer=cfg.memory.offload_optimizer,
-        logprob_chunk_size=cfg.loss.logprob_chunk_size,
+        logprob_chunk_size=cfg.loss.logprob_chunk_size, pad_multiple=token_pad_multiple(cfg.precision, cfg.parallel),
     )  # fmt: skip
 
 

@@ -21,14 +21,12 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-import torch
-import torch.distributed as dist
-
 from copd_megatron.config.schema import Config
 from copd_megatron.copd.rlvr import Rollouts, cross_batch, native_batch, roll, rollout_metrics
 from copd_megatron.copd.router import Router, ScoreRequest
 from copd_megatron.copd.sources import Source, sampling, split_evenly
 from copd_megatron.data.batch import Batch
+from copd_megatron.distributed.device import all_reduce_values
 from copd_megatron.losses import ids_overlap
 
 FULL_VOCAB = ("reverse_kl", "forward_kl", "jsd")
@@ -202,14 +200,11 @@ def dp_mean(metrics: dict[str, float], groups) -> dict[str, float]:
     if not metrics or groups is None or groups.dp_size == 1:
         return metrics
     keys = sorted(metrics)
-    t = torch.tensor([metrics[k] for k in keys], dtype=torch.float64)
-    dist.all_reduce(t, group=groups.dp)
-    return {k: float(v) / groups.dp_size for k, v in zip(keys, t)}
+    sums = all_reduce_values([metrics[k] for k in keys], groups.dp)  # a tensor on the runtime device
+    return {k: v / groups.dp_size for k, v in zip(keys, sums)}
 
 
 def dp_sum(values: list[float], groups) -> list[float]:
     if groups is None or groups.dp_size == 1:
         return values
-    t = torch.tensor(values, dtype=torch.float64)
-    dist.all_reduce(t, group=groups.dp)
-    return t.tolist()
+    return all_reduce_values(values, groups.dp)
