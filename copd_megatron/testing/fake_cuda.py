@@ -129,6 +129,14 @@ def _tensors(obj: Any) -> Iterator[torch.Tensor]:
             yield from _tensors(x)
 
 
+def _caller() -> str:
+    """``file:line`` of the innermost frame outside this module and torch (who called the collective)."""
+    for f in reversed(traceback.extract_stack()):
+        if f.filename != __file__ and "/torch/" not in f.filename and "functools" not in f.filename:
+            return f"{f.filename}:{f.lineno}"
+    return "?"
+
+
 class CollectiveLog:
     """What :func:`collective_device_check` saw: ``(name, shape, device)`` per checked tensor."""
 
@@ -150,9 +158,8 @@ def collective_device_check(device: torch.device) -> Iterator[CollectiveLog]:
                 for t in [*_tensors(args), *_tensors(list(kwargs.values()))]:
                     log.calls.append((name, tuple(t.shape), str(t.device)))
                     if t.device != device:
-                        where = "".join(traceback.format_stack(limit=4)[:-1]).strip().splitlines()[0]
                         raise WrongDeviceError(f"{name}: tensor {tuple(t.shape)} {t.dtype} is on {t.device}, the "
-                                               f"runtime device is {device} ({where.strip()})")  # fmt: skip
+                                               f"runtime device is {device} (called at {_caller()})")  # fmt: skip
             return fn(*args, **kwargs)
 
         return wrapper
