@@ -82,6 +82,9 @@ def _validate_precision(cfg: Config, layout: Layout, te_ok: bool, cuda_available
                               "use 'bf16' or set precision.params_dtype=fp32")  # fmt: skip
         if fmt == "bf16" and p.params_dtype == "fp16":
             raise ConfigError(f"{key}: 'bf16' cannot run fp16 weights; use params_dtype bf16 or fp32")
+    if p.generate == "fp8" and cfg.rollout.engine == "megatron":
+        raise ConfigError("precision.generate: 'fp8' is not supported by the Megatron rollout engine (a decode step "
+                          "feeds one token per sequence; FP8 GEMMs need multiples of 16): use 'bf16'")  # fmt: skip
     if cfg.parallel.sequence_parallel and not _te_spec(cfg, te_ok):
         raise ConfigError(
             "parallel.sequence_parallel: true needs the Transformer Engine layer spec (the local spec's torch "

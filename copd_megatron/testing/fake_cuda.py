@@ -46,6 +46,7 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.distributed as dist
 from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves
 
 CUDA = torch.device("cuda", 0)
 
@@ -109,13 +110,16 @@ class _FakeCudaFunctions(TorchFunctionMode):
             dtype = kwargs.get("dtype") or next((a for a in args[1:] if isinstance(a, torch.dtype)), None)
             if _is_fake(this) and target is not None and torch.device(target).type == "cpu":
                 return self._host(this, dtype)
-            if not _is_fake(this) and _cuda_like(target):
+            if _cuda_like(target):  # inside the fake mode: PyTorch would otherwise initialise CUDA
+                src = this if _is_fake(this) else self.fake_mode.from_tensor(this)
                 with self.fake_mode:
-                    return func(self.fake_mode.from_tensor(this), *args[1:], **kwargs)
+                    return func(src, *args[1:], **kwargs)
         if func is torch.Tensor.cuda and isinstance(this, torch.Tensor) and not _is_fake(this):
             with self.fake_mode:
                 return self.fake_mode.from_tensor(this).to(CUDA)
-        if _cuda_like(kwargs.get("device")):
+        # Creation on a CUDA device, or any call on a fake tensor, runs inside the fake mode (outside
+        # it, PyTorch's Python bindings would try to initialise CUDA for a CUDA-typed result).
+        if _cuda_like(kwargs.get("device")) or any(_is_fake(a) for a in tree_leaves((args, kwargs))):
             with self.fake_mode:
                 return func(*args, **kwargs)
         return func(*args, **kwargs)

@@ -4,6 +4,7 @@ and the sequence-parallel decoding path (padded, no KV cache) equal to KV-cached
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from copd_megatron.testing import run_distributed
@@ -38,6 +39,14 @@ def _state(branch) -> dict:
     return {k: v.detach().clone() for c in branch.chunks for k, v in c.state_dict().items() if torch.is_tensor(v)}
 
 
+def _dtype_of(logits) -> str:
+    """The compute dtype behind ``logits``: Megatron's Float16Module hands bf16 results to the loss
+    upcast to fp32, and such logits are bf16 values (each equal to its own bf16 rounding), which fp32
+    compute would not give."""
+    bf16_values = torch.equal(logits.float(), logits.bfloat16().float())
+    return "torch.bfloat16" if logits.dtype == torch.bfloat16 or bf16_values else str(logits.dtype)
+
+
 def _passes() -> dict:
     from copd_megatron.data.batch import MicroBatch
     from copd_megatron.training.forward import forward_collect
@@ -52,17 +61,10 @@ def _passes() -> dict:
         cfg, br = _branch(precision)
         seen = {}
         mbs = _batch().micro_batches(3)
+        forward_collect(br, mbs, lambda logits, mb, seen=seen: seen.setdefault("score", _dtype_of(logits)) and {})
 
-        def dtype_of(logits) -> str:
-            # Megatron's Float16Module hands bf16 results to the loss upcast to fp32: such logits are
-            # bf16 values (each equal to its own bf16 rounding), which fp32 compute would not give.
-            bf16_values = torch.equal(logits.float(), logits.bfloat16().float())
-            return "torch.bfloat16" if logits.dtype == torch.bfloat16 or bf16_values else str(logits.dtype)
-
-        forward_collect(br, mbs, lambda logits, mb: seen.setdefault("score", dtype_of(logits)) and {})
-
-        def loss(logits, mb):  # LM cross-entropy from the logits (TP=1), recording what reaches it
-            seen.setdefault("train", dtype_of(logits))
+        def loss(logits, mb, seen=seen):  # LM cross-entropy from the logits (TP=1), recording what reaches it
+            seen.setdefault("train", _dtype_of(logits))
             ce = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), mb.labels.flatten(), reduction="none")
             return lm_loss(ce.view_as(mb.labels), mb)
 
@@ -86,8 +88,18 @@ def _passes() -> dict:
     return out
 
 
-def test_each_pass_runs_in_its_dtype_and_scoring_changes_nothing() -> None:
-    res = run_distributed(_passes, 1, timeout=400)[0]
+def _all() -> dict:
+    """Both checks in one spawned world (a world's start-up costs seconds on 2 cores)."""
+    return {"passes": _passes(), "decode": _decode_paths()}
+
+
+@pytest.fixture(scope="module")
+def results() -> dict:
+    return run_distributed(_all, 1, timeout=500)[0]
+
+
+def test_each_pass_runs_in_its_dtype_and_scoring_changes_nothing(results) -> None:
+    res = results["passes"]
     # The pass's compute dtype reaches the loss (bf16 weights: bf16 values, upcast by Float16Module).
     assert res["fp32"]["score"] == res["fp32"]["train"] == "torch.float32"
     assert res["fp32_score_bf16"]["score"] == "torch.bfloat16" and res["fp32_score_bf16"]["train"] == "torch.float32"
@@ -116,8 +128,8 @@ def _decode_paths() -> dict:
     return {"tokens": torch.equal(a.tokens, b.tokens), "lp": float((a.logprobs - b.logprobs).abs().max())}
 
 
-def test_padded_recompute_decoding_equals_kv_cache_decoding() -> None:
+def test_padded_recompute_decoding_equals_kv_cache_decoding(results) -> None:
     """The sequence-parallel decode path (no KV cache, input padded to a multiple of TP) samples the
     same tokens as KV-cached decoding (here at TP=1 with a pad multiple of 4: the local spec has no SP)."""
-    res = run_distributed(_decode_paths, 1, timeout=300)[0]
+    res = results["decode"]
     assert res["tokens"] and res["lp"] < 1e-5, res

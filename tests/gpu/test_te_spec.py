@@ -8,8 +8,6 @@ below their start.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 

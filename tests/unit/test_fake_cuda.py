@@ -95,6 +95,15 @@ def sc_train_forward(cfg, br, log):
     assert any(name == "all_reduce" for name, _, _ in log.calls[before:])
 
 
+def sc_sft_forward(cfg, br, log):
+    """The base-making SFT batches (tools/make_base.py) through the LM loss."""
+    from copd_megatron.training.sft import sft_microbatches
+    from copd_megatron.training.step import _forward_step, lm_loss, reduce_metrics, run_schedule
+
+    mbs = sft_microbatches(CharTokenizer(), [("12+3=", "15"), ("sort: b a", "a b")] * 2, 2, 0)
+    reduce_metrics(run_schedule(br, mbs, _forward_step(br, lm_loss, True), forward_only=True), br.groups)
+
+
 def sc_score_logprobs_topk(cfg, br, log):
     """Old log-probs and a teacher's top-k / logits: per-token results back on the host, logits on the device."""
     from copd_megatron.training.worker import WorkerSettings, score_batch
@@ -182,7 +191,7 @@ def sc_negative_host_collective(cfg, br, log):
         dist.all_reduce(torch.zeros(3, dtype=torch.float64), group=br.groups.dp)
 
 
-SCENARIOS = [sc_build, sc_train_forward, sc_score_logprobs_topk, sc_rollout, sc_evaluate, sc_flags_and_broadcasts,
+SCENARIOS = [sc_build, sc_train_forward, sc_sft_forward, sc_score_logprobs_topk, sc_rollout, sc_evaluate, sc_flags_and_broadcasts,
              sc_negative_host_microbatch, sc_negative_host_collective]  # fmt: skip
 
 

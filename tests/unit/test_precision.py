@@ -102,6 +102,7 @@ def _cfg(**sections):
         ({"precision": {"fp8": "e4m3"}, "model": {"transformer_impl": "local"}}, True,
          "precision.fp8: FP8 passes need the Transformer Engine layer spec"),
         ({"precision": {"score": "fp8"}}, True, "precision.score: 'fp8' needs precision.fp8"),
+        ({"precision": {"fp8": "e4m3", "generate": "fp8"}}, True, "precision.generate: 'fp8' is not supported by the Megatron"),
         ({"precision": {"train": "fp32", "params_dtype": "bf16"}}, True, "precision.train: 'fp32' needs fp32 weights"),
         ({"precision": {"fp8": "e4m3", "fp8_recipe": "mxfp8"}}, True, "precision.fp8_recipe: 'mxfp8' needs a Blackwell"),
     ],
