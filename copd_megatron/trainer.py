@@ -27,6 +27,7 @@ from copd_megatron.checkpoint.manager import CheckpointManager, PreemptionFlag
 from copd_megatron.checkpoint.resume import resolve_load_dir
 from copd_megatron.config.layout import Layout
 from copd_megatron.config.load import config_hash
+from copd_megatron.config.precision import token_pad_multiple
 from copd_megatron.config.schema import Config, ConfigError
 from copd_megatron.data.batch import MicroBatch
 from copd_megatron.distributed.device import runtime_device
@@ -80,7 +81,8 @@ def run_smoke(cfg: Config, layout: Layout) -> list[float]:
     g = branch.groups
     mbs_per_rank = cfg.rollout.prompts_per_step // (cfg.parallel.micro_batch_size * g.dp_size) or 1
     global_batch = mbs_per_rank * cfg.parallel.micro_batch_size * g.dp_size
-    seq = min(cfg.model.seq_length, 32)
+    m = token_pad_multiple(cfg.precision, cfg.parallel)  # FP8 / sequence-parallel token multiples
+    seq = max(m, min(cfg.model.seq_length, 32) // m * m)
     losses = []
     for step in range(state["step"] + 1, cfg.schedule.train_steps + 1):
         t0 = time.perf_counter()

@@ -25,6 +25,25 @@ CUDA kernels reject CPU operands). This tier runs *without* that routing, in one
   routing is never installed. The tier therefore runs in a fresh process of its own
   (:func:`run_isolated`), never in a process where the compatibility layer is active.
 
+What PyTorch's FakeTensorMode does with this project's code (measured with torch 2.14.1 and
+megatron-core 0.19.2 on a machine without a GPU), and how the tier is built around it:
+
+* Megatron's ``GPTModel`` (local spec, TP=2 over the fake backend) builds with ``device=cuda`` and
+  runs forward, KV-cached inference included, once the CUDA runtime queries are stubbed. Its RNG
+  tracker compares CPU RNG states with ``.item()``: that works here because only device tensors are
+  fake, never the host's.
+* ``torch.multinomial`` and ``torch.searchsorted`` (the sampler) run: their output shapes do not
+  depend on values. ``.item()``, ``bool()``, ``.tolist()`` raise ``DataDependentOutputException`` and
+  ``nonzero()`` raises ``DynamicOutputShapeException`` on a fake tensor: hence the zeros at the
+  device → host boundary, and the project keeps its data-dependent decisions (trimming, prompt
+  lengths) on host data.
+* ``Module._apply`` (``.cuda()``, ``.to()``, ``.bfloat16()``, so ``Float16Module`` and Megatron's DDP
+  wrapping) cannot swap fake parameters (``swap_tensors`` refuses tensors with weak references): the
+  tier runs the model chunks unwrapped. Megatron's gloo side groups crash on the fake store: the
+  tier builds Megatron's groups without them.
+* A factory called with ``device='cuda'`` outside a FakeTensorMode initialises CUDA and fails, and so
+  does any call whose result is CUDA-typed: the tier's function mode runs those inside the fake mode.
+
 What it cannot check: numerical results (there are none), kernels (no CUDA code runs), backward
 passes and optimizer steps (FakeTensor autograd through Megatron's custom functions is not
 exercised here), pipeline parallelism (point-to-point transfers between stages of one process),
