@@ -34,7 +34,7 @@ test-all: $(STAMP)
 	$(PY) -m pytest -q tests
 
 # On a GPU machine (one H100/H200 is enough, no network needed): installs the wheels of .wheels/gpu
-# (fetched elsewhere with tools/fetch_gpu_wheels.py) into runs/gpu_check/site, runs `pytest -m gpu`,
+# (fetched elsewhere with tools/fetch_gpu_wheels.py) into runs/gpu_check_site, runs `pytest -m gpu`,
 # writes runs/gpu_check/report.md. Uses the machine's python3 (3.12 with CUDA PyTorch), not .venv.
 GPU_PYTHON ?= python3
 gpu-check:

@@ -6,13 +6,15 @@
 #
 # 1. checks Python 3.12 and the wheel folder (default .wheels/gpu, git-ignored; fill it on a machine
 #    with network with `python3 tools/fetch_gpu_wheels.py [--with-te]` and copy it over);
-# 2. installs the wheels into a private target folder (nothing outside the checkout changes);
+# 2. installs the wheels into a private target folder (COPD_GPU_SITE, default runs/gpu_check_site;
+#    nothing outside the checkout changes);
 #    Transformer Engine too when its wheels are there (its PyTorch extension is compiled from the
 #    source archive within COPD_TE_BUILD_TIMEOUT seconds, default 300), or when it is already
 #    importable; otherwise the report says TE was absent and everything else still runs;
 # 3. runs `pytest -m gpu tests/gpu` (train step vs the CPU/fp32 reference, the CoPD tiny config end
 #    to end, TE vs local logits, FP8 vs bf16, tokens/s and MFU of a ~1B Llama-style step, peak memory
-#    per phase) and writes <report-dir>/report.md (default runs/gpu_check) with device, date, commit.
+#    per phase) and writes <report-dir>/report.md (default runs/gpu_check) with device, date, commit,
+#    next to records.jsonl, pytest.log and install.log (four files, nothing else).
 # --dry-run: steps 1 and the plan only (no GPU needed; the CPU test suite runs it).
 # Exit codes: 0 all GPU tests passed, 1 a test failed, 2 the machine or the wheel folder is not ready.
 set -euo pipefail
@@ -47,7 +49,7 @@ compgen -G "$WHEELS/transformer_engine_cu13-*.whl" >/dev/null && TE_WHEELS=1
 
 if [ "$DRY" = 1 ]; then
   echo "gpu_check: dry run: Python $PYV, wheels in $WHEELS ($(ls "$WHEELS" | wc -l) files, Transformer Engine wheels: $([ $TE_WHEELS = 1 ] && echo yes || echo no))"
-  echo "gpu_check: would install into $REPORT/site, run: $PYTHON -m pytest -m gpu tests/gpu, write $REPORT/report.md"
+  echo "gpu_check: would install into ${COPD_GPU_SITE:-runs/gpu_check_site}, run: $PYTHON -m pytest -m gpu tests/gpu, write $REPORT/report.md"
   exit 0
 fi
 
@@ -56,7 +58,7 @@ fi
 
 mkdir -p "$REPORT"
 REPORT=$(cd "$REPORT" && pwd)
-SITE=$REPORT/site
+SITE=${COPD_GPU_SITE:-$ROOT/runs/gpu_check_site}  # outside the report folder: that one holds only the report
 rm -rf "$SITE" && mkdir -p "$SITE"
 LOG=$REPORT/install.log
 : >"$LOG"
