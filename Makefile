@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo demo-vlm smoke test test-all venv vllm clean
+.PHONY: demo demo-vlm smoke test test-all gpu-check venv vllm clean
 
 venv: $(STAMP)
 
@@ -55,6 +55,13 @@ test: $(STAMP)
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# On a GPU machine (one H100/H200 is enough, no network needed): installs the wheels of .wheels/gpu
+# (fetched elsewhere with tools/fetch_gpu_wheels.py) into runs/gpu_check_site, runs `pytest -m gpu`,
+# writes runs/gpu_check/report.md. Uses the machine's python3 (3.12 with CUDA PyTorch), not .venv.
+GPU_PYTHON ?= python3
+gpu-check:
+	PYTHON=$(GPU_PYTHON) bash tools/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -27,8 +27,10 @@ from copd_megatron.checkpoint.manager import CheckpointManager, PreemptionFlag
 from copd_megatron.checkpoint.resume import resolve_load_dir
 from copd_megatron.config.layout import Layout
 from copd_megatron.config.load import check_resume, config_hash, experiment_dict
+from copd_megatron.config.precision import token_pad_multiple
 from copd_megatron.config.schema import Config
 from copd_megatron.data.batch import MicroBatch
+from copd_megatron.distributed.device import runtime_device
 from copd_megatron.model.build import build_branch, count_parameters
 from copd_megatron.training.step import train_step
 from copd_megatron.utils.logging import MetricsWriter, log_to_file
@@ -81,14 +83,15 @@ def run_smoke(cfg: Config, layout: Layout) -> list[float]:
     g = branch.groups
     mbs_per_rank = cfg.rollout.prompts_per_step // (cfg.parallel.micro_batch_size * g.dp_size) or 1
     global_batch = mbs_per_rank * cfg.parallel.micro_batch_size * g.dp_size
-    seq = min(cfg.model.seq_length, 32)
+    m = token_pad_multiple(cfg.precision, cfg.parallel)  # FP8 / sequence-parallel token multiples
+    seq = max(m, min(cfg.model.seq_length, 32) // m * m)
     losses = []
     for step in range(state["step"] + 1, cfg.schedule.train_steps + 1):
         t0 = time.perf_counter()
         tokens = counting_batch(step, cfg.seed, global_batch, seq, cfg.model.vocab_size)
         # This data-parallel rank's slice of the global batch, cut into micro-batches.
         mine = tokens.chunk(g.dp_size)[g.dp_rank]
-        mbs = [MicroBatch.from_tokens(m) for m in mine.split(cfg.parallel.micro_batch_size)]
+        mbs = [MicroBatch.from_tokens(m).to(runtime_device()) for m in mine.split(cfg.parallel.micro_batch_size)]
         res = train_step(branch, mbs, step_index=step)
         dt = time.perf_counter() - t0
         losses.append(res.loss)

@@ -36,6 +36,7 @@ import yaml
 
 from copd_megatron.checkpoint.dist_ckpt import META_FILE, check_shapes, prepare_writer, verify_files, write_meta
 from copd_megatron.config.schema import ConfigError
+from copd_megatron.distributed.device import any_rank
 from copd_megatron.utils.faults import maybe_die
 
 logger = logging.getLogger(__name__)
@@ -307,10 +308,7 @@ class PreemptionFlag:
 
     def should_stop(self) -> bool:
         """True on every rank if any rank received a signal (all ranks must save together)."""
-        flag = torch.tensor([1.0 if self.received is not None else 0.0])
-        if dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        return any_rank(self.received is not None)  # a MAX over the world, on the runtime device
 
 
 class CheckpointManager:

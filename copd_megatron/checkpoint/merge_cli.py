@@ -146,11 +146,14 @@ def _shard_threshold(tau: torch.Tensor, density: float, whole: bool) -> float:
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
+    from copd_megatron.distributed.device import runtime_device
+
     group = None if whole else ps.get_tensor_model_parallel_group()
     a = tau.abs().flatten().double()
 
     def reduce(t: torch.Tensor, op) -> torch.Tensor:
         if group is not None:
+            t = t.to(runtime_device())  # collectives on the runtime device (NCCL takes CUDA tensors only)
             dist.all_reduce(t, op=op, group=group)  # shards of one tensor live on the TP group
         return t
 

@@ -260,14 +260,26 @@ class ParallelConfig:
 
 @dataclass
 class PrecisionConfig:
-    """Numeric formats. FP8 goes through Transformer Engine and needs a CUDA machine."""
+    """Numeric formats, per pass (see ``config/precision.py``). FP8 goes through Transformer Engine
+    and needs a CUDA machine."""
 
     params_dtype: Literal["fp32", "bf16", "fp16"] = "bf16"
     """Dtype of the model weights and activations (the optimizer keeps fp32 master weights)."""
     fp8: Optional[Literal["e4m3", "hybrid"]] = None
-    """FP8 format for linear layers (null = off). Needs Transformer Engine."""
+    """FP8 format of the passes that run FP8 (null = FP8 off everywhere): ``e4m3`` everywhere, or
+    ``hybrid`` (e4m3 forward, e5m2 gradients). Needs the Transformer Engine layer spec."""
     fp8_recipe: Literal["delayed", "tensorwise", "mxfp8", "blockwise"] = "delayed"
-    """Transformer Engine FP8 scaling recipe."""
+    """Transformer Engine scaling recipe of FP8 passes: ``delayed`` (amax history), ``tensorwise``
+    (current per-tensor scaling), ``blockwise`` (Hopper and later), ``mxfp8`` (Blackwell only)."""
+    train: Optional[Literal["bf16", "fp8", "fp32"]] = None
+    """GEMM precision of the training step (null = ``fp8`` when ``precision.fp8`` is set, else the
+    weights' dtype)."""
+    score: Optional[Literal["bf16", "fp8", "fp32"]] = None
+    """Precision of old-log-prob recomputation and of teacher scoring (null = the weights' dtype,
+    bf16 for bf16 weights, also under FP8 training: the OPD advantage is a difference of two
+    models' log-probs, where FP8 noise does not cancel). Scoring never updates FP8 scaling state."""
+    generate: Optional[Literal["bf16", "fp8", "fp32"]] = None
+    """Precision of rollout generation with the Megatron engine (null = the weights' dtype)."""
     grad_reduce_in_fp32: bool = True
     """Reduce gradients across data-parallel ranks in fp32."""
 
