@@ -278,7 +278,7 @@ def check_resume(cfg: Config, run_state: dict, where: str) -> None:
     else:
         what = f"config hash {run_state.get('config_hash')} there, {config_hash(cfg)} now"
     raise ConfigError(f"checkpoint.load_dir: {where} was written by a different experiment config: {what}; "
-                      f"only {RESUMABLE_TEXT} may change on resume")  # fmt: skip
+                      f"only {RESUMABLE_TEXT} may change on resume (use a new run_dir for a new experiment)")  # fmt: skip
 
 
 def _differences(a, b, prefix: str = "") -> list[tuple[str, object, object]]:

@@ -28,6 +28,9 @@ RUN_OUTPUTS = ("config.yaml", "metrics.jsonl", "train.log", "tensorboard", "chec
                "plots", ".merged.partial", ".merged.replaced", ".eval.json.partial", ".metrics.jsonl.partial")  # fmt: skip
 
 
+LAUNCHER_FILES = ("slurm",)
+
+
 def _inside(path: Path, container: Path) -> bool:
     p, c = path.resolve(), container.resolve()
     return p == c or p.is_relative_to(c)
@@ -54,7 +57,8 @@ def check_run_dir(
         raise ConfigError(f"checkpoint.save_dir: {save} is a file; expected a directory")
     if resuming:
         return []
-    held = sorted(p.name for p in d.iterdir()) if d.is_dir() else []
+    # Launcher logs (the Slurm examples write <run_dir>/slurm/ before the trainer starts) are not a run's output.
+    held = sorted(p.name for p in d.iterdir() if p.name not in LAUNCHER_FILES) if d.is_dir() else []
     # A save_dir other than run_dir/checkpoints (inside run_dir or elsewhere): its iterations.
     old_checkpoints = _save_dir_outputs(save) if save.resolve() != (d / "checkpoints").resolve() else []
     if not held and not old_checkpoints:

@@ -79,6 +79,7 @@ def test_disjoint_placement_equals_colocated_at_tp1(base, tmp_path):
     _assert_same_runs(tmp_path / "colo" / "sampled", tmp_path / "colo" / "offload")
 
 
+@pytest.mark.slow  # 75 s; the TP=1 test covers placement in `make test`, this adds TP=2 groups per branch
 def test_disjoint_placement_equals_colocated_at_tp2(base, tmp_path):
     """2 branches × TP=2 (world 4) vs both branches on the same 2 TP ranks."""
     variants = [("sampled", [*TWO_STEPS, "parallel.tp=2"])]
@@ -112,7 +113,7 @@ def _load_plain(path: str) -> dict:
     return {k: v for k, v in dist_checkpointing.load_plain_tensors(path).items() if isinstance(v, torch.Tensor)}
 
 
-@pytest.mark.parametrize("tp", [1, 2])
+@pytest.mark.parametrize("tp", [1, pytest.param(2, marks=pytest.mark.slow)])  # TP=2: 70 s, `make test-all`
 def test_merge_inside_the_trainer_equals_copd_merge(base, tmp_path, tp):
     """TIES (density, λ) and DARE (drop rate, seed) from the config give the very tensors the CLI
     gives on the same final checkpoints, at TP=1 and TP=2."""
@@ -167,7 +168,8 @@ def _load_final_with_optimizer(run_dir: str) -> dict:
             for b in ("count", "sort")}  # fmt: skip
 
 
-@pytest.mark.parametrize("placement,nproc", [("colocated", 1), ("disjoint", 2)])
+# Colocated resume after SIGKILL is also covered by test_resume.py in `make test`.
+@pytest.mark.parametrize("placement,nproc", [pytest.param("colocated", 1, marks=pytest.mark.slow), ("disjoint", 2)])
 def test_resume_after_sigkill_in_phase_two_is_exact(base, tmp_path, placement, nproc):
     """Checkpoint after step 2 (one Phase II step done: cross streams have moved), SIGKILL inside
     step 3, resume: steps 3-4 and the final weights and Adam moments equal the uninterrupted run's,

@@ -321,14 +321,21 @@ def _steps(run: Path) -> list[int]:
 
 
 def test_one_run_per_run_dir_force_and_resume(runs, tmp_path):
-    """Re-running into a finished run_dir is refused (nothing changes); --force starts over
-    (metrics of one run, fresh log); a run killed after writing step 2's metrics but before its
-    checkpoint resumes into the same run_dir with every step recorded once, in metrics.jsonl
-    and in TensorBoard, and the log file continues."""
+    """The same command in a finished run_dir resumes its last checkpoint (checkpoint.load_dir:
+    auto) and trains nothing more; a fresh start (load_dir null) into it is refused (nothing
+    changes); --force starts over (metrics of one run, fresh log); a run killed after writing
+    step 2's metrics but before its checkpoint resumes into the same run_dir with every step
+    recorded once, in metrics.jsonl and in TensorBoard, and the log file continues."""
     done = tmp_path / "done"
     shutil.copytree(runs["tp1"], done)
     before = _checksums(done)
-    _one_line_error(_cli(_train_args(runs["base"], done)), "is not empty")
+    again = _cli(_train_args(runs["base"], done))
+    _ok(again)
+    assert "resuming from iter_0000002" in again.stdout + again.stderr and _steps(done) == [1, 2]
+    assert {k: v for k, v in _checksums(done).items() if k.startswith("checkpoints/")} == \
+        {k: v for k, v in before.items() if k.startswith("checkpoints/")}  # fmt: skip
+    before = _checksums(done)
+    _one_line_error(_cli(_train_args(runs["base"], done, "checkpoint.load_dir=null")), "is not empty")
     assert _checksums(done) == before
     _ok(_cli(_train_args(runs["base"], done, "--force")))
     assert _steps(done) == [1, 2] and (done / "train.log").read_text().count("copd-train configs/demo_cpu.yaml") == 1

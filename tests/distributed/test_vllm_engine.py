@@ -55,7 +55,7 @@ def _context(cfg, branch, **rollout):
                          partial(export_hf_tensors, branch.chunks, branch.groups, branch.provider))  # fmt: skip
 
 
-SCORE = SimpleNamespace(vocab_size=500, temperature=1.0, micro_batch_size=2, logprob_chunk_size=0)
+SCORE = SimpleNamespace(vocab_size=500, temperature=1.0, micro_batch_size=2, logprob_chunk_size=0, pad_multiple=1)
 
 
 def _trainer_logprobs(branch, batch, vocab: int) -> torch.Tensor:
