@@ -116,21 +116,26 @@ def _bench(size: str, engines: list[str], batch: int, prompt_len: int, new_token
         runs["vLLM (CPU build)"] = (lambda p: vllm_engine.generate(prompts, p), lambda b: b.tokens[:, prompt_len:], extra)
     # Interleaved repeats (engine A, B, C, A, B, C, ...) so that a burst of load from other jobs on
     # the machine hits every engine alike; the best time of each is reported.
-    best = {name: [float("inf"), float("inf"), None] for name in runs}
+    # Also the CPU time of this process per full generate: with one torch thread it is the work the
+    # in-process engines do, and unlike wall time it hardly moves when other jobs load the machine
+    # (vLLM computes in its own process, so it has no such column).
+    best = {name: [float("inf"), float("inf"), None, float("inf")] for name in runs}
     for name, (gen, _, _) in runs.items():
         gen(first)  # warm-up
     for _ in range(repeats):
         for name, (gen, _, _) in runs.items():
             for i, p in enumerate((first, greedy)):
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 out = gen(p)
                 best[name][i] = min(best[name][i], time.perf_counter() - t0)
             best[name][2] = out
+            best[name][3] = min(best[name][3], time.process_time() - c0)
     rows, reference = [], None
     for name, (gen, tokens_of, extra) in runs.items():
-        ttft, seconds, out = best[name]
+        ttft, seconds, out, cpu = best[name]
+        cpu_col = {} if name.startswith("vLLM") else {"cpu_ms": 1e3 * cpu / (batch * new_tokens)}
         rows.append({"size": size, "params_m": params / 1e6, "engine": name, "tokens_per_s": batch * new_tokens / seconds,
-                     "ttft_s": ttft, "tokens": tokens_of(out), **extra})  # fmt: skip
+                     "ttft_s": ttft, "tokens": tokens_of(out), **cpu_col, **extra})  # fmt: skip
         if name == "transformers generate":
             reference = rows[-1]["tokens"]
     if vllm_engine is not None:
@@ -158,15 +163,16 @@ def main() -> None:
     a = p.parse_args()
     print(f"batch={a.batch} prompt={a.prompt_len} new_tokens={a.new_tokens} greedy fp32 TP=1 "
           f"threads={a.threads} (best of {a.repeats})")  # fmt: skip
-    print("| model | engine | tokens/s | TTFT (s) | same tokens as transformers | vLLM start (s) | vLLM RSS (MiB) "
-          "| weight sync per update (s) |\n|---|---|---:|---:|---|---:|---:|---:|")  # fmt: skip
+    print("| model | engine | tokens/s | TTFT (s) | CPU ms per token | same tokens as transformers | vLLM start (s) "
+          "| vLLM RSS (MiB) | weight sync per update (s) |\n|---|---|---:|---:|---:|---|---:|---:|---:|")  # fmt: skip
     for size in a.sizes:
         rows = run_distributed(_bench, 1, args=(size, a.engines, a.batch, a.prompt_len, a.new_tokens, a.repeats,
                                                 a.syncs, a.threads), timeout=3600)[0]  # fmt: skip
         for r in rows:
             extra = [f"{r[k]:.{d}f}" if k in r else "" for k, d in (("start_s", 1), ("rss_mb", 0), ("sync_s", 2))]
+            cpu = f"{r['cpu_ms']:.2f}" if "cpu_ms" in r else ""
             print(f"| {size} ({r['params_m']:.1f}M) | {r['engine']} | {r['tokens_per_s']:.0f} | {r['ttft_s']:.3f} "
-                  f"| {r['same']} | " + " | ".join(extra) + " |", flush=True)  # fmt: skip
+                  f"| {cpu} | {r['same']} | " + " | ".join(extra) + " |", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":
