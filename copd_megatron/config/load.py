@@ -151,7 +151,10 @@ def _apply_preset(tree: dict) -> None:
     name = model["preset"]
     if name not in PRESETS:
         raise ConfigError(f"model.preset: unknown preset {name!r}; expected one of {', '.join(sorted(PRESETS))}")
-    tree["model"] = {**PRESETS[name], **model}
+    merged = {**PRESETS[name], **model}
+    if isinstance(PRESETS[name].get("vision"), dict) and isinstance(model.get("vision"), dict):
+        merged["vision"] = {**PRESETS[name]["vision"], **model["vision"]}  # model.vision.depth=4 keeps the rest
+    tree["model"] = merged
 
 
 def config_from_dict(tree: dict, overrides: list[str] | None = None, source: str = "<dict>") -> Config:

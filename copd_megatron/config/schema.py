@@ -22,6 +22,94 @@ def _require(cond: bool, key: str, msg: str) -> None:
 
 
 @dataclass
+class VisionConfig:
+    """The vision tower of a Qwen-VL model and how its output enters the language model
+    (``model.vision``; absent = a text-only model). Field names follow Megatron's; the HF
+    ``vision_config`` / token-id fields they come from are named in each docstring."""
+
+    family: Literal["qwen3_vl", "qwen2_5_vl"] = "qwen3_vl"
+    """``qwen3_vl``: LayerNorm ViT, learned position table interpolated to each image, GELU(tanh)
+    MLP, DeepStack taps, interleaved mRoPE. ``qwen2_5_vl``: RMSNorm ViT with window attention,
+    SwiGLU MLP, no position table, no DeepStack, chunked mRoPE (HF ``model_type``)."""
+    depth: int = 2
+    """ViT layers (HF ``depth``)."""
+    hidden_size: int = 32
+    """ViT width (HF ``hidden_size``); the merger maps ``4·hidden_size`` to ``model.hidden_size``."""
+    ffn_hidden_size: int = 64
+    """ViT MLP inner width (HF ``intermediate_size``)."""
+    num_attention_heads: int = 2
+    """ViT attention heads (HF ``num_heads``); head dim = hidden_size / heads; divisible by ``parallel.tp``."""
+    in_channels: int = 3
+    """Image channels (HF ``in_channels``)."""
+    patch_size: int = 16
+    """Spatial patch side in pixels (HF ``patch_size``: Qwen3-VL 16, Qwen2.5-VL 14)."""
+    temporal_patch_size: int = 2
+    """Frames per patch (HF ``temporal_patch_size``; a still image is repeated to fill it)."""
+    spatial_merge_size: int = 2
+    """m: an m×m block of patches becomes one language-model token (HF ``spatial_merge_size``)."""
+    rotary_base: float = 10000.0
+    """θ of the ViT's 2-D rotary embedding (HF ``vision_config.rope_parameters.rope_theta``)."""
+    num_position_embeddings: Optional[int] = None
+    """qwen3_vl: rows of the learned position table, a square side² (HF ``num_position_embeddings``: 2304 = 48²)."""
+    deepstack_layers: list[int] = field(default_factory=list)
+    """qwen3_vl: ViT layers (0-based, increasing) whose outputs are merged and added to the hidden
+    states of language-model layers 0, 1, ... at the visual positions (HF ``deepstack_visual_indexes``)."""
+    window_size: Optional[int] = None
+    """qwen2_5_vl: side of an attention window in pixels (HF ``window_size``: 112)."""
+    full_attention_layers: list[int] = field(default_factory=list)
+    """qwen2_5_vl: ViT layers that attend over a whole frame; the others attend within windows
+    (HF ``fullatt_block_indexes``)."""
+    tokens_per_second: Optional[float] = None
+    """qwen2_5_vl: temporal mRoPE ids per second of video (HF ``tokens_per_second``: 2)."""
+    mrope_section: list[int] = field(default_factory=list)
+    """Rotary frequencies given to the temporal, height and width position ids of the language model;
+    sums to head_dim / 2 (HF ``rope_parameters.mrope_section``: Qwen3-VL [24, 20, 20], Qwen2.5-VL [16, 24, 24])."""
+    image_token_id: int = 151655
+    """Placeholder token replaced by image features (``<|image_pad|>``)."""
+    video_token_id: int = 151656
+    """Placeholder token replaced by video features (``<|video_pad|>``)."""
+    vision_start_token_id: int = 151652
+    """``<|vision_start|>`` (kept for the HF config; positions are derived from the placeholders)."""
+    vision_end_token_id: int = 151653
+    """``<|vision_end|>`` (kept for the HF config)."""
+
+    def __post_init__(self) -> None:
+        for name in ("depth", "hidden_size", "ffn_hidden_size", "num_attention_heads", "in_channels", "patch_size",
+                     "temporal_patch_size", "spatial_merge_size"):  # fmt: skip
+            _require(getattr(self, name) > 0, f"model.vision.{name}", f"must be > 0, got {getattr(self, name)}")
+        _require(self.hidden_size % self.num_attention_heads == 0, "model.vision.hidden_size",
+                 f"{self.hidden_size} is not divisible by model.vision.num_attention_heads={self.num_attention_heads}")
+        _require(len(self.mrope_section) == 3 and min(self.mrope_section) > 0, "model.vision.mrope_section",
+                 f"expected three positive numbers [temporal, height, width], got {self.mrope_section}")  # fmt: skip
+        qwen3 = self.family == "qwen3_vl"
+        for name, only in (("num_position_embeddings", qwen3), ("deepstack_layers", qwen3), ("window_size", not qwen3),
+                           ("full_attention_layers", not qwen3), ("tokens_per_second", not qwen3)):  # fmt: skip
+            value = getattr(self, name)
+            if not only and value:
+                other = "qwen2_5_vl" if qwen3 else "qwen3_vl"
+                raise ConfigError(f"model.vision.{name}: {value!r} is a {other} setting; remove it for {self.family}")
+        if qwen3:
+            side = int(round((self.num_position_embeddings or 0) ** 0.5))
+            _require(self.num_position_embeddings is not None and side > 0 and side * side == self.num_position_embeddings,
+                     "model.vision.num_position_embeddings",
+                     f"qwen3_vl needs a square number (48*48 = 2304), got {self.num_position_embeddings}")  # fmt: skip
+            _check_layer_list(self.deepstack_layers, self.depth, "model.vision.deepstack_layers")
+        else:
+            unit = self.patch_size * self.spatial_merge_size
+            _require(self.window_size is not None and self.window_size >= unit, "model.vision.window_size",
+                     f"qwen2_5_vl needs a window of at least patch_size*spatial_merge_size={unit} pixels, "
+                     f"got {self.window_size}")  # fmt: skip
+            _check_layer_list(self.full_attention_layers, self.depth, "model.vision.full_attention_layers")
+            _require(self.tokens_per_second is not None and self.tokens_per_second > 0, "model.vision.tokens_per_second",
+                     f"qwen2_5_vl needs a positive value, got {self.tokens_per_second}")
+
+
+def _check_layer_list(layers: list[int], depth: int, key: str) -> None:
+    _require(all(0 <= i < depth for i in layers), key, f"{layers} has an index outside the {depth} ViT layers [0, {depth})")
+    _require(all(a < b for a, b in zip(layers, layers[1:])), key, f"{layers} must be strictly increasing")
+
+
+@dataclass
 class ModelConfig:
     """A Llama-style decoder (RMSNorm, SwiGLU, RoPE, GQA). ``preset`` fills every field
     first; fields given explicitly next to it override the preset (see ``model/presets.py``)."""
@@ -78,6 +166,8 @@ class ModelConfig:
     """MoE experts per layer (null = dense). Needed for ``parallel.ep`` > 1."""
     transformer_impl: Literal["auto", "local", "transformer_engine"] = "auto"
     """Layer implementation: ``auto`` = Transformer Engine when importable on CUDA, else local."""
+    vision: Optional[VisionConfig] = None
+    """Vision tower of a vision-language model (Qwen3-VL, Qwen2.5-VL; see ``VisionConfig``); null = text only."""
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "vocab_size", "seq_length"):
@@ -94,6 +184,21 @@ class ModelConfig:
                 "model.num_query_groups",
                 f"{self.num_query_groups} must divide model.num_attention_heads={self.num_attention_heads}",
             )
+        if self.vision is not None:
+            self._check_vision(self.vision)
+
+    def _check_vision(self, v: VisionConfig) -> None:
+        """What the language model must satisfy to take the tower's features and mRoPE ids."""
+        head_dim = self.kv_channels or self.hidden_size // self.num_attention_heads
+        _require(2 * sum(v.mrope_section) == head_dim, "model.vision.mrope_section",
+                 f"{v.mrope_section} sums to {sum(v.mrope_section)}; it must be head_dim / 2 = {head_dim // 2}")
+        _require(len(v.deepstack_layers) <= self.num_layers, "model.vision.deepstack_layers",
+                 f"{len(v.deepstack_layers)} taps feed language layers 0..{len(v.deepstack_layers) - 1} but "
+                 f"model.num_layers={self.num_layers}")  # fmt: skip
+        for name, want in (("normalization", "RMSNorm"), ("activation", "swiglu"), ("rotary_percent", 1.0),
+                           ("rope_scaling", False), ("num_moe_experts", None)):  # fmt: skip
+            _require(getattr(self, name) == want, f"model.{name}",
+                     f"{getattr(self, name)!r} is not supported with model.vision (Qwen-VL language models use {want!r})")
 
 
 @dataclass
