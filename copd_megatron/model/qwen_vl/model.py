@@ -1,0 +1,205 @@
+"""Qwen3-VL / Qwen2.5-VL for Megatron-Core: one pipeline chunk = (vision tower on the first stage)
++ a slice of the language model.
+
+One forward takes a micro-batch of token ids ``[b, s]`` plus the ragged vision inputs of its
+samples, packed: ``pixel_values [Σ t·h·w, C·Tp·P·P]`` with ``image_grid_thw [n_images, 3]``
+(and the same for videos), exactly what the Hugging Face processor produces. It returns
+vocab-parallel logits ``[b, s, V/tp]`` on the last pipeline stage and hidden states
+``[s, b, h]`` on the others (Megatron's convention), so the pipeline schedules, the losses and
+the rollout engine treat it like a ``GPTModel``:
+
+1. positions: mRoPE ids ``[3, b, s]`` from the token ids and grids (every stage computes
+   them; they are cheap and every stage needs rotary angles), or the caller's ``position_ids``
+   (``[b, s]`` text positions are broadcast to the three axes, which is ordinary RoPE);
+2. first stage: the tower encodes all images and videos at once; its tokens replace the
+   embeddings of the placeholder tokens in (batch, sequence) order, images first, as
+   transformers' ``masked_scatter`` does; Qwen3-VL's DeepStack features ride along;
+3. the language model (``language.py``).
+
+KV-cached decoding (Megatron's ``StaticInferenceContext``): attention keeps un-rotated keys
+and rotates all of them at every step with the angles of positions ``[0, end)``, so the model
+keeps the mRoPE ids of the whole sequence on the context (``copd_mrope``) and extends them
+by n + delta per generated token (``rope.decode_position_ids``), or by the ids the caller gives.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from megatron.core.transformer.module import MegatronModule
+
+from copd_megatron.config.layout import padded_vocab_size
+from copd_megatron.config.schema import ModelConfig, ParallelConfig, PrecisionConfig
+from copd_megatron.model.qwen_vl.language import build_language_model, configure_language
+from copd_megatron.model.qwen_vl.rope import decode_position_ids, mrope_position_ids
+from copd_megatron.model.qwen_vl.vision import VisionTower, vision_transformer_config
+
+
+@dataclass
+class _MRopeCache:
+    """mRoPE ids of every cached position of a static inference context, and each row's delta."""
+
+    ids: torch.Tensor  # [3, max_batch, max_sequence]
+    deltas: torch.Tensor  # [max_batch]
+
+
+class QwenVLModel(MegatronModule):
+    """One pipeline chunk of a Qwen-VL model (see the module docstring)."""
+
+    def __init__(self, model: ModelConfig, config, *, vocab: int, fp8: str | None, pre_process: bool,
+                 post_process: bool, vp_stage: int | None, pg_collection) -> None:  # fmt: skip
+        super().__init__(config=config)
+        assert model.vision is not None
+        self.vision = model.vision
+        self.pre_process, self.post_process, self.vp_stage = pre_process, post_process, vp_stage
+        self.pg_collection = pg_collection
+        self.share_embeddings_and_output_weights = model.tie_embeddings
+        self.language_model = build_language_model(model, config, vocab, fp8, pre_process=pre_process,
+                                                   post_process=post_process, vp_stage=vp_stage,
+                                                   pg_collection=pg_collection)  # fmt: skip
+        if pre_process:
+            self.vision_model = VisionTower(model, vision_transformer_config(model, config), pg_collection)
+
+    # -- what pipeline schedules, DDP and finalize_model_grads ask of a model chunk
+    def set_input_tensor(self, input_tensor) -> None:
+        self.language_model.set_input_tensor(input_tensor)
+
+    def shared_embedding_or_output_weight(self):
+        return self.language_model.shared_embedding_or_output_weight()
+
+    def forward(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None, *, pixel_values: torch.Tensor | None = None,
+        image_grid_thw: torch.Tensor | None = None, pixel_values_videos: torch.Tensor | None = None,
+        video_grid_thw: torch.Tensor | None = None, second_per_grid_ts: torch.Tensor | None = None,
+        inference_context=None,
+    ) -> torch.Tensor:  # fmt: skip
+        """Logits ``[b, s, V/tp]`` (last stage) or hidden states ``[s, b, h]`` for ``input_ids [b, s]``."""
+        positions = self.positions(input_ids, position_ids, image_grid_thw, video_grid_thw, second_per_grid_ts,
+                                   inference_context)  # fmt: skip
+        decoder_input, deepstack = None, None
+        if self.pre_process:
+            decoder_input, deepstack = self.embed(input_ids, pixel_values, image_grid_thw, pixel_values_videos,
+                                                  video_grid_thw)  # fmt: skip
+        return self.language_model(
+            input_ids, positions, attention_mask, decoder_input=decoder_input, inference_context=inference_context,
+            extra_block_kwargs={"context": deepstack} if deepstack is not None else None,
+        )  # fmt: skip
+
+    def positions(self, input_ids, position_ids, image_grid_thw, video_grid_thw, second_per_grid_ts,
+                  inference_context) -> torch.Tensor:  # fmt: skip
+        """mRoPE ids ``[3, b, s]`` of this call's tokens, or of the whole cached prefix when decoding."""
+        v = self.vision
+        b, s = input_ids.shape
+        start = inference_context.sequence_len_offset if inference_context is not None else 0
+        deltas = None
+        if position_ids is not None:
+            ids = position_ids if position_ids.dim() == 3 else position_ids.unsqueeze(0).expand(3, -1, -1)
+        elif start == 0:
+            ids, deltas = mrope_position_ids(
+                input_ids.cpu(), image_grid_thw=image_grid_thw, video_grid_thw=video_grid_thw,
+                image_token_id=v.image_token_id, video_token_id=v.video_token_id,
+                spatial_merge_size=v.spatial_merge_size, family=v.family, tokens_per_second=v.tokens_per_second,
+                second_per_grid_ts=second_per_grid_ts.cpu() if second_per_grid_ts is not None else None,
+            )  # fmt: skip
+        else:
+            cache = getattr(inference_context, "copd_mrope", None)
+            if cache is None:
+                raise ValueError("decoding without position_ids needs the prefill to run through this model first")
+            row = inference_context.batch_size_offset
+            ids = decode_position_ids(start, s, cache.deltas[row : row + b])
+        ids = ids.to(input_ids.device)
+        if inference_context is None:
+            return ids
+        return self._cache_positions(inference_context, ids, deltas, start, b, s)
+
+    @staticmethod
+    def _cache_positions(ctx, ids: torch.Tensor, deltas, start: int, b: int, s: int) -> torch.Tensor:
+        cache = getattr(ctx, "copd_mrope", None)
+        if cache is None or start == 0 and ctx.batch_size_offset == 0:
+            shape = (3, ctx.max_batch_size, ctx.max_sequence_length)
+            cache = ctx.copd_mrope = _MRopeCache(ids.new_zeros(shape), ids.new_zeros(ctx.max_batch_size))
+        row = ctx.batch_size_offset
+        cache.ids[:, row : row + b, start : start + s] = ids
+        if deltas is None:  # caller-given ids: later tokens continue from the last one
+            deltas = ids[0, :, -1] + 1 - (start + s)
+        cache.deltas[row : row + b] = deltas.to(cache.deltas.device)
+        return cache.ids[:, row : row + b, : start + s]
+
+    def embed(self, input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw):
+        """Decoder input ``[s, b, h]`` with vision tokens in place, and the DeepStack carrier
+        ``[s, b, k, h]`` (None without vision inputs or DeepStack)."""
+        from megatron.core import tensor_parallel
+
+        v = self.vision
+        emb = self.language_model.embedding(input_ids=input_ids, position_ids=None)  # [s, b, h]
+        inputs = [self._check_placeholders(input_ids, kind, px, g)
+                  for kind, px, g in (("image", pixel_values, image_grid_thw),
+                                      ("video", pixel_values_videos, video_grid_thw))]  # fmt: skip
+        inputs = [x for x in inputs if x is not None]
+        deepstack = None
+        if inputs:
+            pixels = torch.cat([px for _, px, _ in inputs])
+            grids = torch.cat([g for _, _, g in inputs])
+            tokens, deep = self.vision_model(pixels, grids)
+            x = emb.transpose(0, 1)  # [b, s, h]: placeholders are filled in (batch, sequence) order
+            carrier = x.new_zeros(*x.shape[:2], len(deep), x.shape[-1]) if deep else None
+            offset = 0
+            for mask, _, g in inputs:
+                n = int((g.prod(-1) // v.spatial_merge_size**2).sum())
+                x = x.masked_scatter(mask[..., None], tokens[offset : offset + n].to(x.dtype))
+                if carrier is not None:
+                    feats = torch.stack([d[offset : offset + n] for d in deep], dim=1).to(x.dtype)
+                    carrier = carrier.masked_scatter(mask[..., None, None], feats)
+                offset += n
+            emb = x.transpose(0, 1).contiguous()
+            deepstack = carrier.transpose(0, 1).contiguous() if carrier is not None else None
+        if self.config.sequence_parallel:  # the embedding itself does not scatter (see language.py)
+            emb = tensor_parallel.scatter_to_sequence_parallel_region(emb)
+            if deepstack is not None:
+                deepstack = tensor_parallel.scatter_to_sequence_parallel_region(deepstack)
+        return emb, deepstack
+
+    def _check_placeholders(self, input_ids, kind: str, pixels, grid_thw):
+        """(placeholder mask, pixels, grid) of one modality, or None; mismatches are errors."""
+        v = self.vision
+        mask = input_ids == (v.image_token_id if kind == "image" else v.video_token_id)
+        found = int(mask.sum())
+        if pixels is None:
+            if found:
+                raise ValueError(f"{found} {kind} placeholder tokens but no pixel values for them")
+            return None
+        if grid_thw is None:
+            raise ValueError(f"{kind} pixel values need {kind}_grid_thw")
+        grid_thw = grid_thw.to(torch.long)
+        rows, tokens = int(grid_thw.prod(-1).sum()), int((grid_thw.prod(-1) // v.spatial_merge_size**2).sum())
+        if pixels.shape[0] != rows:
+            raise ValueError(f"{kind}_grid_thw describes {rows} patches but pixel values have {pixels.shape[0]} rows")
+        if found != tokens:
+            raise ValueError(f"{kind}_grid_thw describes {tokens} tokens but input_ids hold {found} placeholders")
+        return mask, pixels, grid_thw
+
+
+def build_qwen_vl_chunks(model: ModelConfig, parallel: ParallelConfig, precision: PrecisionConfig,
+                         config=None) -> list[QwenVLModel]:  # fmt: skip
+    """This rank's Qwen-VL chunks (one per virtual pipeline stage), not yet wrapped; the tower is
+    built on the chunk that holds the embedding (first virtual stage of the first pipeline rank)."""
+    from megatron.core import parallel_state
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    from copd_megatron.model.build import transformer_config
+
+    config = config or transformer_config(model, parallel, precision)
+    configure_language(config, model)
+    pg_collection = ProcessGroupCollection.use_mpu_process_groups()
+    vocab = padded_vocab_size(model.vocab_size, model.make_vocab_size_divisible_by, parallel.tp)
+    chunks = []
+    for vp_stage in range(parallel.vpp or 1):
+        vp = vp_stage if parallel.vpp else None
+        chunks.append(QwenVLModel(
+            model, config, vocab=vocab, fp8=precision.fp8, vp_stage=vp, pg_collection=pg_collection,
+            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp),
+            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp),
+        ))  # fmt: skip
+    return chunks
