@@ -52,6 +52,8 @@ def validate(cfg: Config, world_size: int, *, cuda_available: bool | None = None
     if cfg.rollout.engine == "megatron" and cfg.parallel.vpp is not None and cfg.schedule.mode != "smoke":
         raise ConfigError("parallel.vpp: the Megatron rollout engine does not support virtual pipeline stages; set null")
     _validate_branches(cfg)
+    if cfg.model.vision is not None:
+        _validate_vision(cfg)
     return layout
 
 
@@ -86,3 +88,25 @@ def _validate_branches(cfg: Config) -> None:
                 raise ConfigError(f"branches.{i}: branch {b.name!r} needs 'data' and 'verifier'")
         if cfg.tokenizer is None:
             raise ConfigError("tokenizer: RL recipes need a tokenizer (a .model file or a tokenizer directory)")
+
+
+def _validate_vision(cfg: Config) -> None:
+    """A Qwen-VL tower: TP shards its heads, MLP and mergers; the DeepStack taps feed language
+    layers that must sit on the first pipeline chunk, next to the tower."""
+    v, par = cfg.model.vision, cfg.parallel
+    merged = v.hidden_size * v.spatial_merge_size**2
+    for key, size in (("num_attention_heads", v.num_attention_heads), ("ffn_hidden_size", v.ffn_hidden_size),
+                      ("hidden_size", merged)):  # fmt: skip
+        if size % par.tp:
+            what = f"the merger width {merged} (= hidden_size * spatial_merge_size**2)" if key == "hidden_size" else size
+            raise ConfigError(f"parallel.tp: {par.tp} does not divide model.vision.{key} ({what})")
+    first_chunk = cfg.model.num_layers // (par.pp * (par.vpp or 1))
+    if len(v.deepstack_layers) > first_chunk:
+        raise ConfigError(
+            f"parallel.pp: the first pipeline chunk holds {first_chunk} language layers but "
+            f"model.vision.deepstack_layers feeds the first {len(v.deepstack_layers)}; use a smaller pp (or vpp)"
+        )
+    if par.cp > 1:
+        raise ConfigError("parallel.cp: context parallelism is not supported with model.vision yet; set cp=1")
+    if par.sequence_parallel:
+        raise ConfigError("parallel.sequence_parallel: not supported with model.vision yet; set it to false")

@@ -86,6 +86,10 @@ def build_model_chunks(model: ModelConfig, parallel: ParallelConfig, precision: 
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
+    if model.vision is not None:  # Qwen3-VL / Qwen2.5-VL: tower + GPT with mRoPE (same forward signature)
+        from copd_megatron.model.qwen_vl.model import build_qwen_vl_chunks
+
+        return build_qwen_vl_chunks(model, parallel, precision, config)
     config = config or transformer_config(model, parallel, precision)
     spec = gpt_layer_spec(model, fp8=precision.fp8)
     vocab = padded_vocab_size(model.vocab_size, model.make_vocab_size_divisible_by, parallel.tp)
