@@ -43,6 +43,9 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
+        sections = [a for a in args if dataclasses.is_dataclass(a)]
+        if isinstance(value, dict) and len(sections) == 1:  # an optional section: report its own error
+            return _convert(value, sections[0], key)
         errors = []
         for arg in (a for a in args if a is not type(None)):
             try:
