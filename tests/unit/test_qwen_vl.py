@@ -271,3 +271,32 @@ def test_presets_have_the_released_parameter_counts(preset: str) -> None:
     count = sum(torch.Size(s).numel() for s in hf_shapes(m).values())
     assert count == RELEASED[preset]
     assert dataclasses.asdict(m)["vision"]["family"] in ("qwen3_vl", "qwen2_5_vl")
+
+
+def test_cli_refuses_vl_checkpoints_it_cannot_explain(tmp_path, capsys) -> None:
+    """One line on stderr, exit 2, nothing written: a tensor the config does not explain, an
+    unsupported ViT activation, a template of another family."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from copd_megatron.checkpoint.convert_cli import main
+
+    hf_dir = tmp_path / "hf"
+    _hf_model("qwen3_vl").save_pretrained(hf_dir)
+    tensors = load_file(str(hf_dir / "model.safetensors"))
+    save_file({**tensors, "model.visual.extra.weight": torch.zeros(2)}, str(hf_dir / "model.safetensors"))
+    bad_act = tmp_path / "bad_act"
+    bad_act.mkdir()
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    cfg["vision_config"]["hidden_act"] = "quick_gelu"
+    (bad_act / "config.json").write_text(json.dumps(cfg))
+    cases = [(hf_dir, "1 tensors the config does not explain, e.g. model.visual.extra.weight"),
+             (bad_act, "vision_config.hidden_act='quick_gelu' is not supported for qwen3_vl")]  # fmt: skip
+    capsys.readouterr()  # save_pretrained's progress bar
+    for src, message in cases:
+        out = tmp_path / f"out_{src.name}"
+        assert main(["hf-to-mcore", "--hf-dir", str(src), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1 and "Traceback" not in err, err
+        assert not out.exists() or not any(out.iterdir())
