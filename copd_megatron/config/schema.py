@@ -195,6 +195,9 @@ class ModelConfig:
         _require(len(v.deepstack_layers) <= self.num_layers, "model.vision.deepstack_layers",
                  f"{len(v.deepstack_layers)} taps feed language layers 0..{len(v.deepstack_layers) - 1} but "
                  f"model.num_layers={self.num_layers}")  # fmt: skip
+        for name in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
+            _require(0 <= getattr(v, name) < self.vocab_size, f"model.vision.{name}",
+                     f"{getattr(v, name)} is not a token of the vocabulary [0, {self.vocab_size})")  # fmt: skip
         for name, want in (("normalization", "RMSNorm"), ("activation", "swiglu"), ("rotary_percent", 1.0),
                            ("rope_scaling", False), ("num_moe_experts", None)):  # fmt: skip
             _require(getattr(self, name) == want, f"model.{name}",

@@ -236,6 +236,7 @@ def test_vision_section_is_checked_field_by_field() -> None:
         ({"vision": {"depht": 3}}, "model.vision.depht: unknown key (did you mean 'depth'?)"),
         ({"vision": {"family": "qwen2_5_vl"}}, "model.vision.num_position_embeddings: 2304 is a qwen3_vl setting"),
         ({"num_layers": 2}, "model.vision.deepstack_layers: 3 taps feed language layers 0..2"),
+        ({"vocab_size": 1000}, "model.vision.image_token_id: 151655 is not a token of the vocabulary [0, 1000)"),
     ]
     for change, message in cases:
         with pytest.raises(ConfigError, match=re.escape(message)):

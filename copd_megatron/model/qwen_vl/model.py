@@ -49,9 +49,12 @@ class QwenVLModel(MegatronModule):
 
     def __init__(self, model: ModelConfig, config, *, vocab: int, fp8: str | None, pre_process: bool,
                  post_process: bool, vp_stage: int | None, pg_collection) -> None:  # fmt: skip
+        from megatron.core.enums import ModelType
+
         super().__init__(config=config)
         assert model.vision is not None
         self.vision = model.vision
+        self.model_type = ModelType.encoder_or_decoder  # what Megatron's schedules ask of a chunk
         self.pre_process, self.post_process, self.vp_stage = pre_process, post_process, vp_stage
         self.pg_collection = pg_collection
         self.share_embeddings_and_output_weights = model.tie_embeddings
@@ -73,9 +76,10 @@ class QwenVLModel(MegatronModule):
         attention_mask: torch.Tensor | None = None, *, pixel_values: torch.Tensor | None = None,
         image_grid_thw: torch.Tensor | None = None, pixel_values_videos: torch.Tensor | None = None,
         video_grid_thw: torch.Tensor | None = None, second_per_grid_ts: torch.Tensor | None = None,
-        inference_context=None,
+        inference_context=None, labels: torch.Tensor | None = None,
     ) -> torch.Tensor:  # fmt: skip
-        """Logits ``[b, s, V/tp]`` (last stage) or hidden states ``[s, b, h]`` for ``input_ids [b, s]``."""
+        """Logits ``[b, s, V/tp]`` (last stage) or hidden states ``[s, b, h]`` for ``input_ids [b, s]``;
+        with ``labels`` the last stage returns ``GPTModel``'s per-token cross-entropy ``[b, s]``."""
         positions = self.positions(input_ids, position_ids, image_grid_thw, video_grid_thw, second_per_grid_ts,
                                    inference_context)  # fmt: skip
         decoder_input, deepstack = None, None
@@ -84,7 +88,7 @@ class QwenVLModel(MegatronModule):
                                                   video_grid_thw)  # fmt: skip
         return self.language_model(
             input_ids, positions, attention_mask, decoder_input=decoder_input, inference_context=inference_context,
-            extra_block_kwargs={"context": deepstack} if deepstack is not None else None,
+            labels=labels, extra_block_kwargs={"context": deepstack} if deepstack is not None else None,
         )  # fmt: skip
 
     def positions(self, input_ids, position_ids, image_grid_thw, video_grid_thw, second_per_grid_ts,
