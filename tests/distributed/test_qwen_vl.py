@@ -13,7 +13,8 @@ a batch of two rows mixing images and videos.
   decoding with and without KV cache agree; reference gradients.
 * World of 2: TP=2 logits and gradients == TP=1; the checkpoint re-saved at TP=2; PP=2 (tower
   and DeepStack layers on stage 0) logits through Megatron's pipeline schedule == transformers';
-  re-saved at PP=2.
+  re-saved at PP=2; one SFT step of the trainer's path (DDP, distributed optimizer, TP=2) on a
+  Qwen3-VL chunk computes transformers' cross-entropy.
 * World of 1: ``copd-convert mcore-to-hf`` of the TP=2 and PP=2 checkpoints (with and without a
   template config): every tensor bit-identical to the original file, processor and chat-template
   files carried along, and transformers reloads it with identical logits.
@@ -226,6 +227,23 @@ def _pipeline_logits(chunks: list, inputs: dict) -> torch.Tensor | None:
     return outs[0]["logits"] if ps.is_pipeline_last_stage() else None
 
 
+TEXT_BATCH = torch.tensor([[5, 17, 300, 999, 12, 44, 1, 2, 77], [8, 8, 9, 600, 601, 3, 2, 1, 0]])
+
+
+def _sft_loss(ckpt: str) -> float:
+    """One training step of the SFT path (DDP, distributed optimizer, no-pipelining schedule,
+    ``labels`` → GPTModel's per-token loss); returns the loss it computed before updating."""
+    from copd_megatron.config import OptimizerConfig, ParallelConfig, PrecisionConfig
+    from copd_megatron.model.build import wrap_and_optimize
+    from copd_megatron.training.step import MicroBatch, train_step
+
+    chunks = _load(ckpt, tp=2)
+    parallel = ParallelConfig(tp=2)
+    branch = wrap_and_optimize(chunks, chunks[0].config, parallel, PrecisionConfig(params_dtype="fp32"),
+                               OptimizerConfig(lr=1e-3), total_steps=1)  # fmt: skip
+    return train_step(branch, [MicroBatch.from_tokens(TEXT_BATCH)]).loss
+
+
 def _world_tp2_pp2(root: str, inputs: dict) -> dict:
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
@@ -246,6 +264,8 @@ def _world_tp2_pp2(root: str, inputs: dict) -> dict:
         res["pp2"] = gather_from_tensor_model_parallel_region(logits) if logits is not None else None
         res["tower_on_rank"] = has_tower
         save_model(chunks, f"{root}/{family}/pp2", model_cfg, "fp32")
+        if family == "qwen3_vl":
+            res["sft_loss"] = _sft_loss(mc)
         out[family] = res
     return out
 
@@ -297,6 +317,12 @@ def test_qwen_vl_convert_logits_kv_cache_and_export(tmp_path: Path) -> None:
             scale = grad.abs().max().item()  # summation order differs across TP: compare against the largest entry
             torch.testing.assert_close(tp2[0][family]["grads"][name], grad, rtol=1e-4, atol=1e-5 * scale,
                                        msg=f"{family} {name}")  # fmt: skip
+
+    # The trainer's SFT step on a VL chunk (TP=2, DDP, distributed optimizer) computes transformers' loss.
+    with torch.no_grad():
+        logits = models["qwen3_vl"](input_ids=TEXT_BATCH[:, :-1]).logits
+    want = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), TEXT_BATCH[:, 1:].reshape(-1))
+    assert tp2[0]["qwen3_vl"]["sft_loss"] == pytest.approx(want.item(), rel=1e-5)
 
     # KV-cached decoding after an image prompt == recomputing the whole sequence == transformers' generate.
     decode = tp1["qwen3_vl"]["decode"]
