@@ -77,15 +77,14 @@ def window_partition(
     order, lengths, offset = [], [], 0
     for t, h, w in grid_thw.tolist():
         hm, wm = h // merge, w // merge
-        ids = torch.arange(t * hm * wm).view(t, hm, wm) + offset
-        for frame in range(t):
-            for r0 in range(0, hm, k):
-                for c0 in range(0, wm, k):
-                    window = ids[frame, r0 : r0 + k, c0 : c0 + k].reshape(-1)
-                    order.append(window)
-                    lengths.append(window.numel() * merge * merge)
+        rows, cols = hm // k + (hm % k > 0), wm // k + (wm % k > 0)  # windows per frame side (last may be partial)
+        f, r, c = torch.meshgrid(torch.arange(t), torch.arange(hm), torch.arange(wm), indexing="ij")
+        window = ((f * rows + r // k) * cols + c // k).reshape(-1)  # raster order of windows, frame by frame
+        inside = ((r % k) * k + c % k).reshape(-1)  # raster order inside a window
+        order.append(torch.argsort(window * k * k + inside) + offset)
+        lengths.append(torch.bincount(window, minlength=t * rows * cols) * merge * merge)
         offset += t * hm * wm
-    return torch.cat(order), torch.tensor(lengths, dtype=torch.long)
+    return torch.cat(order), torch.cat(lengths)
 
 
 def segment_mask(lengths: torch.Tensor) -> torch.Tensor:
