@@ -126,8 +126,8 @@ class QwenVLModel(MegatronModule):
             cache = ctx.copd_mrope = _MRopeCache(ids.new_zeros(shape), ids.new_zeros(ctx.max_batch_size))
         row = ctx.batch_size_offset
         cache.ids[:, row : row + b, start : start + s] = ids
-        if deltas is None:  # caller-given ids: later tokens continue from the last one
-            deltas = ids[0, :, -1] + 1 - (start + s)
+        if deltas is None:  # caller-given ids: later tokens continue after the largest (as get_rope_index's delta)
+            deltas = ids.amax(dim=(0, 2)) + 1 - (start + s)
         cache.deltas[row : row + b] = deltas.to(cache.deltas.device)
         return cache.ids[:, row : row + b, : start + s]
 
