@@ -207,6 +207,11 @@ def test_flat_hub_qwen25_config_and_refusals() -> None:
     flat.pop("rope_parameters")
     flat.update(rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}, rope_theta=1e6)
     assert model_fields_from_hf(flat, "x", 64) == model_fields_from_hf(nested, "x", 64)
+    m = _model("qwen2_5_vl")
+    exported = hf_config_from_model(m, template=flat)  # a flat template stays flat, rope_scaling style kept
+    assert "text_config" not in exported and exported["rope_scaling"]["mrope_section"] == [2, 3, 3]
+    assert config_from_dict({"model": model_fields_from_hf(exported, "x", 64), **SMOKE}).model == m
+    assert transformers.Qwen2_5_VLConfig(**exported).text_config.hidden_size == 64
     bad = [
         ({"vision_config": {**nested["vision_config"], "hidden_act": "gelu"}}, "vision_config.hidden_act='gelu'"),
         ({"vision_config": {**nested["vision_config"], "out_hidden_size": 32}}, "out_hidden_size=32 differs"),
@@ -216,7 +221,6 @@ def test_flat_hub_qwen25_config_and_refusals() -> None:
     for change, message in bad:
         with pytest.raises(ConfigError, match=re.escape(message)):
             model_fields_from_hf({**nested, **change}, "config.json", 64)
-    m = _model("qwen2_5_vl")
     with pytest.raises(ConfigError, match="template config.json: num_layers is 3"):
         hf_config_from_model(m, template={**nested, "text_config": {**nested["text_config"], "num_hidden_layers": 3}})
     with pytest.raises(ConfigError, match="does not match model.vision.family='qwen2_5_vl'"):
