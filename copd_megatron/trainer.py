@@ -26,12 +26,15 @@ import torch.distributed as dist
 from copd_megatron.checkpoint.manager import CheckpointManager, PreemptionFlag
 from copd_megatron.checkpoint.resume import resolve_load_dir
 from copd_megatron.config.layout import Layout
-from copd_megatron.config.load import config_hash
-from copd_megatron.config.schema import Config, ConfigError
+from copd_megatron.config.load import check_resume, config_hash, experiment_dict
+from copd_megatron.config.precision import token_pad_multiple
+from copd_megatron.config.schema import Config
 from copd_megatron.data.batch import MicroBatch
+from copd_megatron.distributed.device import runtime_device
 from copd_megatron.model.build import build_branch, count_parameters
 from copd_megatron.training.step import train_step
-from copd_megatron.utils.logging import MetricsWriter
+from copd_megatron.utils.logging import MetricsWriter, log_to_file
+from copd_megatron.utils.progress import format_seconds
 
 logger = logging.getLogger(__name__)
 
@@ -45,18 +48,19 @@ def counting_batch(step: int, seed: int, batch: int, seq_len: int, vocab: int) -
 
 def read_resume_state(cfg: Config, manager: CheckpointManager) -> tuple[str | None, dict | None]:
     """The checkpoint to resume from and its run state: ``checkpoint.load_dir`` (``auto``: the run's
-    own newest complete checkpoint, if any), or (None, None) for a fresh start."""
+    own newest complete checkpoint, if any), or (None, None) for a fresh start. A checkpoint of
+    another experiment config is refused, naming the first key that differs."""
     load_dir = resolve_load_dir(cfg.checkpoint.load_dir, manager.save_dir)
     if load_dir is None:
         return None, None
     state = manager.read_run_state(load_dir)
-    if state.get("config_hash") != config_hash(cfg):
-        raise ConfigError(
-            f"checkpoint.load_dir: {load_dir} was written by a different experiment config "
-            f"(hash {state.get('config_hash')} != {config_hash(cfg)}); only parallel/checkpoint/logging/memory and "
-            "schedule.train_steps may change on resume (for a new experiment, use a new run_dir)"
-        )
+    check_resume(cfg, state, str(load_dir))
     return str(load_dir), state
+
+
+def fresh_state(cfg: Config, **extra) -> dict:
+    """The run state of a fresh start (the experiment config travels with every checkpoint)."""
+    return {"config_hash": config_hash(cfg), "experiment": experiment_dict(cfg), **extra}
 
 
 def make_manager(cfg: Config) -> CheckpointManager:
@@ -71,22 +75,23 @@ def run_smoke(cfg: Config, layout: Layout) -> list[float]:
     rank0 = torch.distributed.get_rank() == 0
     manager = make_manager(cfg)
     load_dir, state = read_resume_state(cfg, manager)
-    state = manager.load(load_dir, {"main": branch}) if state else {"step": 0}
-    state["config_hash"] = config_hash(cfg)
+    state = manager.load(load_dir, {"main": branch}) if state else fresh_state(cfg, step=0)
     preempt = PreemptionFlag()
-    writer = MetricsWriter(cfg.run_dir, enabled=rank0, tensorboard=cfg.logging.tensorboard)
+    writer = MetricsWriter(cfg.run_dir, enabled=rank0, tensorboard=cfg.logging.tensorboard,
+                           resume_step=state.get("iteration"))  # fmt: skip
     logger.info("branch built: %d parameters on rank 0 (a 1/(tp*pp) shard)", count_parameters(branch.chunks))
     g = branch.groups
     mbs_per_rank = cfg.rollout.prompts_per_step // (cfg.parallel.micro_batch_size * g.dp_size) or 1
     global_batch = mbs_per_rank * cfg.parallel.micro_batch_size * g.dp_size
-    seq = min(cfg.model.seq_length, 32)
+    m = token_pad_multiple(cfg.precision, cfg.parallel)  # FP8 / sequence-parallel token multiples
+    seq = max(m, min(cfg.model.seq_length, 32) // m * m)
     losses = []
     for step in range(state["step"] + 1, cfg.schedule.train_steps + 1):
         t0 = time.perf_counter()
         tokens = counting_batch(step, cfg.seed, global_batch, seq, cfg.model.vocab_size)
         # This data-parallel rank's slice of the global batch, cut into micro-batches.
         mine = tokens.chunk(g.dp_size)[g.dp_rank]
-        mbs = [MicroBatch.from_tokens(m) for m in mine.split(cfg.parallel.micro_batch_size)]
+        mbs = [MicroBatch.from_tokens(m).to(runtime_device()) for m in mine.split(cfg.parallel.micro_batch_size)]
         res = train_step(branch, mbs, step_index=step)
         dt = time.perf_counter() - t0
         losses.append(res.loss)
@@ -125,7 +130,8 @@ def run_recipe(cfg: Config, layout: Layout) -> dict:
     manager, preempt = make_manager(cfg), PreemptionFlag()
     state = _resume(cfg, manager, run, plan_stages)
     rollout_parity(run)  # logs the engine-vs-trainer log-prob mismatch of every branch (warns above a threshold)
-    writer = MetricsWriter(cfg.run_dir, enabled=dist.get_rank() == 0, tensorboard=cfg.logging.tensorboard)
+    writer = MetricsWriter(cfg.run_dir, enabled=dist.get_rank() == 0, tensorboard=cfg.logging.tensorboard,
+                           resume_step=state.get("iteration"))  # fmt: skip
     if "base_eval" not in state:  # every branch is still the base: evaluate it once, for the table
         state["base_eval"] = evaluate_base(run)
     counter, t_start, done = state["counter"], time.perf_counter(), 0
@@ -155,7 +161,7 @@ def run_recipe(cfg: Config, layout: Layout) -> dict:
 
                 metrics.update(_flat_eval(evaluate_workers(run)))
             writer.write(counter, metrics)
-            _log_step(stage, plan, metrics, done, remaining, time.perf_counter() - t_start)
+            _log_step(stage, plan, metrics, (counter, total), (done, remaining), time.perf_counter() - t_start)
             state.update(stage=si, step=plan.global_step + 1, counter=counter, rhythm=stage.rhythm.state_dict())
             stop = preempt.should_stop()
             if stop or (cfg.checkpoint.save_interval and counter % cfg.checkpoint.save_interval == 0):
@@ -179,7 +185,7 @@ def _resume(cfg: Config, manager: CheckpointManager, run, plan_stages: list) -> 
     load_dir, state = read_resume_state(cfg, manager)
     if state is None:
         names = run.placement.names
-        return {"stage": 0, "step": 0, "counter": 0, "versions": {n: 0 for n in names}, "config_hash": config_hash(cfg)}
+        return fresh_state(cfg, stage=0, step=0, counter=0, versions={n: 0 for n in names})
     models = {n: (run.workers[n].model if n in run.workers else None) for n in run.placement.names}
     state = manager.load(load_dir, models)
     for n, w in run.workers.items():
@@ -283,16 +289,17 @@ def _flat_eval(table: dict) -> dict[str, float]:
             if k != "n"}  # fmt: skip
 
 
-def _log_step(stage, plan, metrics: dict, done: int, total: int, elapsed: float) -> None:
-    eta = elapsed / max(done, 1) * max(total - done, 0)
+def _log_step(stage, plan, metrics: dict, step: tuple[int, int], done: tuple[int, int], elapsed: float) -> None:
+    """One line per step: the run's step (continued after a resume) and the ETA of what is left."""
+    eta = elapsed / max(done[0], 1) * max(done[1] - done[0], 0)
     parts = []
     for key, v in metrics.items():
         if key.startswith("branch/") and key.endswith(("/native/reward", "/loss")):
             parts.append(f"{key.removeprefix('branch/')} {v:.3f}")
         if key.startswith("pair/") and key.endswith("/overlap"):
             parts.append(f"{key.removeprefix('pair/')} {v:.3f}")
-    logger.info("%s c%d %s s%d | step %d/%d | ETA %.0fs | %s", stage.name, plan.cycle, plan.phase, plan.step_in_phase,
-                done, total, eta, " | ".join(parts))  # fmt: skip
+    logger.info("%s c%d %s s%d | step %d/%d | ETA %s | %s", stage.name, plan.cycle, plan.phase, plan.step_in_phase,
+                *step, format_seconds(eta), " | ".join(parts))  # fmt: skip
 
 
 def _write_eval(cfg: Config, table: dict, finals: list[str], rank0: bool) -> None:
@@ -307,3 +314,4 @@ def _write_eval(cfg: Config, table: dict, finals: list[str], rank0: bool) -> Non
         vals = [doms[d]["pass@1"] for d in domains]
         lines.append(f"| {m} | " + " | ".join(f"{v:.3f}" for v in vals) + f" | {sum(vals) / len(vals):.3f} |")
     print("\n".join(lines))
+    log_to_file("evaluation (greedy pass@1):\n" + "\n".join(lines))

@@ -10,13 +10,13 @@ Writes ``<out>/tokenizer.model``, ``<out>/checkpoint`` (torch_dist, loadable at 
 ``<out>/base.json`` with the held-out pass@1 per family. With ``--vision PRESET`` the tokenizer
 reserves ``<image>`` and ``<video>`` (their ids become ``model.vision.image_token_id`` /
 ``video_token_id``), the model gets a vision tower, and visual families (``shape_count``,
-``video_motion``, ...) may be mixed with text ones. RLVR needs prompts the base sometimes
+``video_motion``, ...) may be mixed with text ones. ``<out>`` is built in a hidden sibling and
+renamed into place at the end; a non-empty ``<out>`` is replaced only with ``--force``. RLVR needs prompts the base sometimes
 solves (the paper filters out pass rates of 0% and 100%); the defaults aim at 10-70% per family.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
@@ -29,13 +29,16 @@ from copd_megatron.config import ConfigError, config_from_dict, validate
 from copd_megatron.data.tokenizer import load_tokenizer, train_sentencepiece
 from copd_megatron.rewards.registry import get_verifier
 from copd_megatron.rewards.synthetic import generate, get_family, sft_text
+from copd_megatron.utils.cli import OneLineParser, doc_summary, report_error
+from copd_megatron.utils.progress import Progress
 
 logger = logging.getLogger("make_base")
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", required=True, help="output directory")
+def _parser() -> OneLineParser:
+    p = OneLineParser(prog="make_base.py", description=doc_summary(__doc__))
+    p.add_argument("--out", required=True, help="output directory (new or empty; see --force)")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out")
     p.add_argument("--families", nargs="+", default=["arithmetic", "reverse", "count", "sort"])
     p.add_argument("--difficulty", nargs="+", default=["2"],
                    help="one level for all families, or family=level items (e.g. arithmetic=1 reverse=4)")
@@ -100,7 +103,8 @@ def _samples(cfg, family: str, n: int, level: int, seed: int) -> list:
     return samples
 
 
-def make_base(args) -> dict:
+def make_base(args, out: Path | None = None) -> dict:
+    """Build the base into ``out`` (default ``args.out``; the summary names ``args.out``)."""
     from megatron.core import parallel_state as ps
 
     from copd_megatron.checkpoint.dist_ckpt import save_model
@@ -112,7 +116,7 @@ def make_base(args) -> dict:
     from copd_megatron.rollout.megatron_engine import MegatronEngine
     from copd_megatron.training.step import train_step
 
-    out = Path(args.out)
+    final, out = Path(args.out), Path(out or args.out)
     out.mkdir(parents=True, exist_ok=True)
     difficulty = levels(args.families, args.difficulty)
     tok = build_tokenizer(out, difficulty, args.vocab_size, args.seed, ("<image>", "<video>") if args.vision else ())
@@ -132,19 +136,19 @@ def make_base(args) -> dict:
                                provider)  # fmt: skip
     per_family = max(1, args.batch // len(args.families))
     pools = {f: _samples(cfg, f, per_family * args.steps, difficulty[f], args.seed) for f in args.families}
+    progress = Progress("sft", args.steps, logger, unit="steps", every_s=10.0, enabled=torch.distributed.get_rank() == 0)
     for step in range(args.steps):
         batch = [s for f in args.families for s in pools[f][step * per_family : (step + 1) * per_family]]
         mine = batch[ps.get_data_parallel_rank() :: layout.dp]  # this data-parallel rank's share
         res = train_step(branch, _batches(tok, cfg, mine, tok.pad_id))
-        if step % 25 == 0 or step == args.steps - 1:
-            logger.info("sft step %d/%d | loss %.4f", step + 1, args.steps, res.loss)
+        progress.update(note=f"loss {res.loss:.4f}")
     engine = MegatronEngine(branch.chunks[0], cfg.model.vocab_size, pad_id=tok.pad_id, decode=tok.decode,
                             provider=provider, groups=groups)  # fmt: skip
     held_out = {f: (_samples(cfg, f, args.eval_prompts, difficulty[f], args.seed + 999),
                     get_verifier(f"synthetic_{f}")) for f in args.families}  # fmt: skip
     scores = evaluate(engine, tok, held_out, max_new_tokens=12, stop=["\n"])
     save_model([c.module for c in branch.chunks], out / "checkpoint", cfg.model, "fp32")
-    summary = {"tokenizer": str(out / "tokenizer.model"), "checkpoint": str(out / "checkpoint"),
+    summary = {"tokenizer": str(final / "tokenizer.model"), "checkpoint": str(final / "checkpoint"),
                "vocab_size": tok.vocab_size, "difficulty": difficulty, "model": dataclasses.asdict(cfg.model),
                "pass@1": {f: v["pass@1"] for f, v in scores.items()}}  # fmt: skip
     if torch.distributed.get_rank() == 0:
@@ -153,8 +157,10 @@ def make_base(args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from copd_megatron.config.schema import ConfigError
     from copd_megatron.distributed.init import destroy_distributed, init_distributed, read_dist_env
     from copd_megatron.utils.logging import setup_logging
+    from copd_megatron.utils.outputs import check_output, staged_dir
 
     args = _parser().parse_args(argv)
     try:
@@ -166,9 +172,19 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     env = read_dist_env()
     setup_logging("INFO", env.rank)
-    init_distributed(env)
     try:
-        summary = make_base(args)
+        check_output(args.out, [], force=args.force)
+    except ConfigError as e:
+        return report_error("make_base.py", e, env.rank)
+    from copd_megatron.distributed.rendezvous import RendezvousError
+
+    try:
+        init_distributed(env)
+    except RendezvousError as e:  # peers that never arrive: one line, not a traceback
+        return report_error("make_base.py", e, env.rank)
+    try:
+        with staged_dir(args.out) as stage:  # a killed run leaves no half-built base under --out
+            summary = make_base(args, stage)
     finally:
         destroy_distributed()
     if env.rank == 0:

@@ -34,8 +34,9 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from copd_megatron.checkpoint.dist_ckpt import META_FILE, check_shapes, verify_files, write_meta
+from copd_megatron.checkpoint.dist_ckpt import META_FILE, check_shapes, prepare_writer, verify_files, write_meta
 from copd_megatron.config.schema import ConfigError
+from copd_megatron.distributed.device import any_rank
 from copd_megatron.utils.faults import maybe_die
 
 logger = logging.getLogger(__name__)
@@ -160,6 +161,7 @@ def save_branch(
     writes it whichever branch it holds. ``state``: the branch's sharded state if already built."""
     from megatron.core import dist_checkpointing
 
+    prepare_writer()  # Megatron's writer helpers exit if this process is killed
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     if branch is None:
         state, strategy = common_state, _save_strategy(False)
@@ -280,10 +282,12 @@ def children_block(signals=PREEMPTION_SIGNALS):
 
 def start_checkpoint_helpers() -> None:
     """Start Megatron's checkpoint-writer helper now, deaf to the preemption signals (see
-    :func:`children_block`); later saves reuse it."""
+    :func:`children_block`) and bound to this process's life (``prepare_writer``: it is SIGKILLed
+    when this process dies); later saves reuse it."""
     from megatron.core.dist_checkpointing.strategies.filesystem_async import get_write_results_queue
 
     with children_block():
+        prepare_writer()
         get_write_results_queue()
 
 
@@ -304,10 +308,7 @@ class PreemptionFlag:
 
     def should_stop(self) -> bool:
         """True on every rank if any rank received a signal (all ranks must save together)."""
-        flag = torch.tensor([1.0 if self.received is not None else 0.0])
-        if dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        return any_rank(self.received is not None)  # a MAX over the world, on the runtime device
 
 
 class CheckpointManager:
@@ -321,6 +322,8 @@ class CheckpointManager:
         self.keep_last, self.keep_every, self.async_save = keep_last, keep_every, async_save
         self.fully_parallel_save, self.fully_parallel_load = fully_parallel_save, fully_parallel_load
         self._queue = None
+        self._resumed_from: Path | None = None  # the iteration directory load() read
+        self._last_saved: int | None = None
         if async_save:
             from megatron.core.dist_checkpointing.strategies.async_utils import (
                 AsyncCallsQueue,
@@ -336,6 +339,12 @@ class CheckpointManager:
         (disjoint placement), whose ``owners`` (global ranks) then share its scheduler state."""
         self.wait()  # at most one save in flight: never two writers on the same files
         it_dir = self.save_dir / f"iter_{iteration:07d}"
+        if iteration == self._last_saved or (self._resumed_from is not None and it_dir.resolve() == self._resumed_from):
+            # Nothing was trained since: this iteration is on disk, complete. Rewriting it would
+            # delete the checkpoint `latest` names (the one this run resumed from) first.
+            logger.info("checkpoint %s is already saved", it_dir)
+            return
+        self._last_saved = iteration
         if _rank() == 0 and it_dir.exists():
             shutil.rmtree(it_dir)  # a stale, incomplete attempt at the same iteration
         if dist.is_initialized():
@@ -403,14 +412,7 @@ class CheckpointManager:
     # -- loading ------------------------------------------------------------------------------
     def resolve(self, load_dir: str | Path) -> Path:
         """The complete iteration directory to resume from: ``load_dir`` itself or its ``latest``."""
-        path = Path(load_dir)
-        if (path / "latest").is_file():
-            path = path / (path / "latest").read_text().strip()
-        if not path.is_dir():
-            raise ConfigError(f"checkpoint.load_dir: {path} does not exist")
-        if not (path / "COMPLETE").is_file():
-            raise ConfigError(f"checkpoint.load_dir: {path} is incomplete (no COMPLETE marker); it was never finished")
-        return path
+        return resolve_iteration_dir(load_dir)
 
     def read_run_state(self, load_dir: str | Path) -> dict:
         """The run state of the checkpoint ``load`` would resume (reads one small file)."""
@@ -428,8 +430,33 @@ class CheckpointManager:
         for name, branch in branches.items():
             if branch is not None:  # a branch this rank holds (its own ranks load it together)
                 load_branch(branch, it_dir / name, self.fully_parallel_load)
+        self._resumed_from = it_dir.resolve()
         logger.info("resumed from %s (iteration %d)", it_dir, run_state["iteration"])
         return run_state
+
+
+def resolve_iteration_dir(load_dir: str | Path) -> Path:
+    """The complete iteration directory ``checkpoint.load_dir`` names (itself, or its save
+    directory's ``latest``), or a one-line error saying what the path is instead."""
+    path = Path(load_dir)
+    if not path.exists():
+        raise ConfigError(f"checkpoint.load_dir: {path} does not exist")
+    if not path.is_dir():
+        raise ConfigError(f"checkpoint.load_dir: {path} is a file; expected a save directory or an iter_* directory")
+    if (path / "latest").is_file():
+        path = path / (path / "latest").read_text().strip()
+        if not path.is_dir():
+            raise ConfigError(f"checkpoint.load_dir: {path}, named by {path.parent / 'latest'}, does not exist")
+    if (path / "COMPLETE").is_file():
+        return path
+    if (path / "metadata.json").is_file():
+        raise ConfigError(f"checkpoint.load_dir: {path} holds one model's weights, not a run to resume; to start from "
+                          "them set checkpoint.base instead")  # fmt: skip
+    if _ITER.match(path.name) or (path / "run_state.json").exists():
+        raise ConfigError(f"checkpoint.load_dir: {path} is incomplete (no COMPLETE marker); the save never finished, "
+                          f"resume from an earlier iteration or from {path.parent}")  # fmt: skip
+    raise ConfigError(f"checkpoint.load_dir: {path} is not a checkpoint; expected a save directory with a 'latest' "
+                      "file (e.g. runs/x/checkpoints) or one of its iter_NNNNNNN directories")  # fmt: skip
 
 
 def _atomic_write(path: Path, text: str) -> None:

@@ -1,10 +1,12 @@
-"""The one exception type of configuration mistakes (kept apart so every config module can raise it)."""
+"""``require``: the one-line check every config module uses (``ConfigError`` itself lives in
+``utils/errors.py``, at the bottom of the import graph, so config modules can raise it without
+importing the schema)."""
 
 from __future__ import annotations
 
+from copd_megatron.utils.errors import ConfigError
 
-class ConfigError(ValueError):
-    """A user mistake in a config file or override: reported as one line, exit code 2."""
+__all__ = ["ConfigError", "require"]
 
 
 def require(cond: bool, key: str, msg: str) -> None:

@@ -11,10 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-
-from copd_megatron.config.errors import ConfigError  # noqa: F401 - imported from here by the whole project
 from copd_megatron.config.errors import require as _require
 from copd_megatron.config.vision import QWEN_VL_ARCHS, VISION_ARCHS, VisionConfig
+from copd_megatron.utils.errors import ConfigError  # noqa: F401 (re-exported: the config error type)
 
 
 @dataclass
@@ -187,14 +186,26 @@ class ParallelConfig:
 
 @dataclass
 class PrecisionConfig:
-    """Numeric formats. FP8 goes through Transformer Engine and needs a CUDA machine."""
+    """Numeric formats, per pass (see ``config/precision.py``). FP8 goes through Transformer Engine
+    and needs a CUDA machine."""
 
     params_dtype: Literal["fp32", "bf16", "fp16"] = "bf16"
     """Dtype of the model weights and activations (the optimizer keeps fp32 master weights)."""
     fp8: Optional[Literal["e4m3", "hybrid"]] = None
-    """FP8 format for linear layers (null = off). Needs Transformer Engine."""
+    """FP8 format of the passes that run FP8 (null = FP8 off everywhere): ``e4m3`` everywhere, or
+    ``hybrid`` (e4m3 forward, e5m2 gradients). Needs the Transformer Engine layer spec."""
     fp8_recipe: Literal["delayed", "tensorwise", "mxfp8", "blockwise"] = "delayed"
-    """Transformer Engine FP8 scaling recipe."""
+    """Transformer Engine scaling recipe of FP8 passes: ``delayed`` (amax history), ``tensorwise``
+    (current per-tensor scaling), ``blockwise`` (Hopper and later), ``mxfp8`` (Blackwell only)."""
+    train: Optional[Literal["bf16", "fp8", "fp32"]] = None
+    """GEMM precision of the training step (null = ``fp8`` when ``precision.fp8`` is set, else the
+    weights' dtype)."""
+    score: Optional[Literal["bf16", "fp8", "fp32"]] = None
+    """Precision of old-log-prob recomputation and of teacher scoring (null = the weights' dtype,
+    bf16 for bf16 weights, also under FP8 training: the OPD advantage is a difference of two
+    models' log-probs, where FP8 noise does not cancel). Scoring never updates FP8 scaling state."""
+    generate: Optional[Literal["bf16", "fp8", "fp32"]] = None
+    """Precision of rollout generation with the Megatron engine (null = the weights' dtype)."""
     grad_reduce_in_fp32: bool = True
     """Reduce gradients across data-parallel ranks in fp32."""
 
@@ -287,8 +298,9 @@ class ScheduleConfig:
     """``mode: static_opd``: the expert that is distilled into and becomes the final model."""
 
     def __post_init__(self) -> None:
-        for name in ("cycles", "s_rl", "s_opd", "train_steps", "overlap_k"):
+        for name in ("cycles", "s_rl", "s_opd", "train_steps"):
             _require(getattr(self, name) >= 0, f"schedule.{name}", f"must be >= 0, got {getattr(self, name)}")
+        _require(self.overlap_k >= 1, "schedule.overlap_k", f"must be >= 1, got {self.overlap_k}")
         _require(
             0.0 <= self.native_fraction <= 1.0,
             "schedule.native_fraction",
@@ -424,6 +436,10 @@ class RolloutConfig:
 
     def __post_init__(self) -> None:
         _require(self.group_size >= 1, "rollout.group_size", f"must be >= 1, got {self.group_size}")
+        _require(self.prompts_per_step >= 1, "rollout.prompts_per_step", f"must be >= 1, got {self.prompts_per_step}")
+        _require(self.max_new_tokens >= 1, "rollout.max_new_tokens",
+                 f"must be >= 1, got {self.max_new_tokens} (no response could ever earn a reward)")  # fmt: skip
+        _require(self.top_k >= 0, "rollout.top_k", f"must be >= 0 (0 = off), got {self.top_k}")
         _require(self.temperature > 0, "rollout.temperature", f"must be > 0, got {self.temperature}")
         _require(0 < self.top_p <= 1, "rollout.top_p", f"must be in (0, 1], got {self.top_p}")
         _require(self.parity_prompts >= 0, "rollout.parity_prompts", f"must be >= 0, got {self.parity_prompts}")
@@ -499,6 +515,10 @@ class CheckpointConfig:
     the data-parallel group (``FullyParallelLoadStrategyWrapper``): less storage traffic on
     resume, more network traffic (Megatron-LM's default is off too)."""
 
+    def __post_init__(self) -> None:
+        for name in ("save_interval", "keep_last", "keep_every"):
+            _require(getattr(self, name) >= 0, f"checkpoint.{name}", f"must be >= 0, got {getattr(self, name)}")
+
 
 @dataclass
 class LoggingConfig:
@@ -509,7 +529,10 @@ class LoggingConfig:
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     """Logging level of rank 0 (other ranks log warnings only)."""
     tensorboard: bool = False
-    """Also write TensorBoard events when tensorboard is installed."""
+    """Also write TensorBoard events to ``<run_dir>/tensorboard`` (``pip install -e ".[tensorboard]"``)."""
+
+    def __post_init__(self) -> None:
+        _require(self.log_interval >= 1, "logging.log_interval", f"must be >= 1, got {self.log_interval}")
 
 
 @dataclass
@@ -527,7 +550,14 @@ class EvalConfig:
     overlap_prompts: int = 16
     """Student rollouts per connected pair used for top-k overlap / symmetric KL."""
     seed: int = 12345
-    """Seed of synthetic held-out sets: fixed across run seeds so every run sees the same test."""
+    """Seed of synthetic held-out sets: fixed across run seeds so every run sees the same test
+    (``copd-eval --heldout-seed`` defaults to the same value)."""
+
+    def __post_init__(self) -> None:
+        _require(self.every >= 0, "eval.every", f"must be >= 0 (0 = at cycle ends), got {self.every}")
+        for name in ("prompts_per_domain", "samples", "overlap_prompts"):
+            _require(getattr(self, name) >= 1, f"eval.{name}", f"must be >= 1, got {getattr(self, name)}")
+        _require(self.temperature > 0, "eval.temperature", f"must be > 0, got {self.temperature}")
 
 
 @dataclass

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 
 from copd_megatron.config.layout import Layout, resolve_layout
+from copd_megatron.config.precision import FP8_MULTIPLE, PASSES, token_pad_multiple, uses_fp8
 from copd_megatron.config.schema import Config, ConfigError
 
 
@@ -35,6 +36,7 @@ def validate(cfg: Config, world_size: int, *, cuda_available: bool | None = None
             "model.transformer_impl: 'transformer_engine' needs Transformer Engine on a CUDA machine; "
             "use 'auto' or 'local'"
         )
+    _validate_precision(cfg, layout, te_ok, cuda_available)
     if cfg.parallel.backend == "nccl" and not cuda_available:
         raise ConfigError("parallel.backend: 'nccl' needs CUDA; use 'auto' or 'gloo' on this machine")
     if cfg.rollout.engine == "vllm":
@@ -61,6 +63,58 @@ def validate(cfg: Config, world_size: int, *, cuda_available: bool | None = None
     _validate_placement(cfg, layout)
     _validate_merge(cfg)
     return layout
+
+
+def _te_spec(cfg: Config, te_ok: bool) -> bool:
+    """Whether the model will be built with the Transformer Engine layer spec (see ``model/specs.py``)."""
+    impl = cfg.model.transformer_impl
+    return impl == "transformer_engine" or (impl == "auto" and te_ok)
+
+
+def _validate_precision(cfg: Config, layout: Layout, te_ok: bool, cuda_available: bool) -> None:
+    """Per-pass precision, FP8 / sequence-parallel shape rules (config/precision.py)."""
+    p, m = cfg.precision, cfg.model
+    for name in PASSES:
+        fmt, key = getattr(p, name), f"precision.{name}"
+        if fmt == "fp8" and p.fp8 is None:
+            raise ConfigError(f"{key}: 'fp8' needs precision.fp8 (the FP8 format: 'e4m3' or 'hybrid')")
+        if fmt == "fp32" and p.params_dtype != "fp32":
+            raise ConfigError(f"{key}: 'fp32' needs fp32 weights (precision.params_dtype is {p.params_dtype!r}); "
+                              "use 'bf16' or set precision.params_dtype=fp32")  # fmt: skip
+        if fmt == "bf16" and p.params_dtype == "fp16":
+            raise ConfigError(f"{key}: 'bf16' cannot run fp16 weights; use params_dtype bf16 or fp32")
+    if p.generate == "fp8" and cfg.rollout.engine == "megatron":
+        raise ConfigError("precision.generate: 'fp8' is not supported by the Megatron rollout engine (a decode step "
+                          "feeds one token per sequence; FP8 GEMMs need multiples of 16): use 'bf16'")  # fmt: skip
+    if cfg.parallel.sequence_parallel and not _te_spec(cfg, te_ok):
+        raise ConfigError(
+            "parallel.sequence_parallel: true needs the Transformer Engine layer spec (the local spec's torch "
+            f"LayerNorm does not support it; model.transformer_impl is {m.transformer_impl!r}, Transformer Engine "
+            f"{'is' if te_ok else 'is not'} usable here); set parallel.sequence_parallel=false"
+        )
+    fp8 = uses_fp8(p)
+    if fp8 and m.transformer_impl == "local":
+        raise ConfigError("precision.fp8: FP8 passes need the Transformer Engine layer spec; model.transformer_impl "
+                          "is 'local' (use 'auto' or 'transformer_engine', or set precision.fp8=null)")  # fmt: skip
+    multiple = token_pad_multiple(p, cfg.parallel)
+    if multiple > 1 and m.seq_length % multiple:
+        why = " and ".join(w for w, on in (("FP8 (16)", fp8), (f"sequence parallelism (tp={layout.tp})",
+                                                                    cfg.parallel.sequence_parallel)) if on)  # fmt: skip
+        raise ConfigError(f"model.seq_length: {m.seq_length} must be a multiple of {multiple}: micro-batches are padded "
+                          f"to multiples of {multiple} under {why}")  # fmt: skip
+    if fp8:
+        for key, dim in (("model.hidden_size", m.hidden_size), ("model.ffn_hidden_size", m.ffn_hidden_size // layout.tp)):
+            if dim % FP8_MULTIPLE:
+                raise ConfigError(f"{key}: FP8 GEMMs need every matrix dimension divisible by 16 on each rank; got {dim} "
+                                  f"(tp={layout.tp})")  # fmt: skip
+        need = {"mxfp8": (10, "Blackwell"), "blockwise": (9, "Hopper")}.get(p.fp8_recipe)
+        if need and cuda_available:
+            import torch
+
+            major = torch.cuda.get_device_capability()[0]
+            if major < need[0]:
+                raise ConfigError(f"precision.fp8_recipe: {p.fp8_recipe!r} needs a {need[1]} or newer GPU (compute "
+                                  f"capability {need[0]}.x); this one is {major}.x: use 'tensorwise' or 'delayed'")  # fmt: skip
 
 
 def model_branch_count(cfg: Config) -> int:
@@ -124,6 +178,13 @@ def _validate_branches(cfg: Config) -> None:
     if dupes:
         raise ConfigError(f"branches: duplicate branch names {dupes}; every branch needs a unique name")
     sched = cfg.schedule
+    if sched.mode == "smoke" and sched.train_steps < 1:
+        raise ConfigError(f"schedule.train_steps: {sched.train_steps}; mode 'smoke' needs at least 1 step")
+    if sched.mode != "smoke" and sched.cycles < 1:
+        raise ConfigError(f"schedule.cycles: {sched.cycles}; mode {sched.mode!r} needs at least 1 cycle")
+    if sched.mode != "smoke" and sched.s_rl + sched.s_opd < 1:
+        raise ConfigError(f"schedule.s_rl, schedule.s_opd: {sched.s_rl} + {sched.s_opd} steps per cycle; "
+                          "at least one must be >= 1")  # fmt: skip
     if sched.mode in ("copd", "static_opd", "mopd") and len(cfg.branches) < 2:
         raise ConfigError(f"branches: schedule.mode {sched.mode!r} needs at least 2 branches, got {len(names)}")
     if sched.topology == "hub":

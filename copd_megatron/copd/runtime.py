@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from copd_megatron.checkpoint.dist_ckpt import load_model
 from copd_megatron.checkpoint.hf_export import export_hf_tensors
+from copd_megatron.config.precision import token_pad_multiple
 from copd_megatron.config.schema import Config, ConfigError
 from copd_megatron.copd.recipes import branch_names
 from copd_megatron.copd.router import Router
@@ -49,7 +50,7 @@ def settings(cfg: Config) -> WorkerSettings:
         vocab_size=cfg.model.vocab_size, temperature=cfg.rollout.temperature,
         micro_batch_size=cfg.parallel.micro_batch_size, max_new_tokens=cfg.rollout.max_new_tokens, loss=cfg.loss,
         opd=cfg.opd, offload_weights=cfg.memory.offload_weights, offload_optimizer=cfg.memory.offload_optimizer,
-        logprob_chunk_size=cfg.loss.logprob_chunk_size,
+        logprob_chunk_size=cfg.loss.logprob_chunk_size, pad_multiple=token_pad_multiple(cfg.precision, cfg.parallel),
     )  # fmt: skip
 
 
@@ -103,14 +104,19 @@ def evaluate_engine(cfg: Config, tokenizer, engine, sources: dict[str, Source], 
 
 def evaluate_workers(run: Run, names: list[str] | None = None) -> dict:
     """model → domain → metrics for the given branches (default: every branch), on every rank:
-    each branch is evaluated on its own ranks, then the tables are shared."""
+    each branch is evaluated on its own ranks, then the tables are shared. Progress with an ETA."""
+    from copd_megatron.utils.progress import Progress
+
     cfg, tok = run.env.cfg, run.env.tokenizer
+    mine = [n for n in run.workers if names is None or n in names]
+    progress = Progress("evaluation", len(mine), logger, unit="models", every_s=10.0, enabled=dist.get_rank() == 0)
     table = {}
-    for name, w in run.workers.items():
-        if names is None or name in names:
-            w.activate()
-            table[name] = evaluate_engine(cfg, tok, w.engine, run.sources, w.groups)
-            w.deactivate()
+    for name in mine:
+        w = run.workers[name]
+        w.activate()
+        table[name] = evaluate_engine(cfg, tok, w.engine, run.sources, w.groups)
+        w.deactivate()
+        progress.update(note=f"{name} on {', '.join(s.domain for s in run.sources.values())}")
     return gather_tables(table, run.placement)
 
 
@@ -126,6 +132,16 @@ def gather_tables(table: dict, placement: Placement) -> dict:
     return {n: out[n] for n in placement.names if n in out}
 
 
+def parity_prompts(sources: dict, name: str, n: int) -> list:
+    """The first ``n`` held-out prompts of branch ``name``'s domain; a model branch without data of
+    its own (the mixed-RLVR baseline, the MOPD student) takes every domain's in turn."""
+    if name in sources:
+        return sources[name].held_out[:n]
+    pools = [s.held_out for s in sources.values()]
+    mixed = [p[i] for i in range(max(map(len, pools), default=0)) for p in pools if i < len(p)]
+    return mixed[:n]
+
+
 def rollout_parity(run: Run) -> dict[str, dict]:
     """The start-up parity check of every local branch's engine (``training/parity.py``) on the
     first ``rollout.parity_prompts`` held-out prompts of its domain; branch → metrics."""
@@ -133,7 +149,7 @@ def rollout_parity(run: Run) -> dict[str, dict]:
     n = cfg.rollout.parity_prompts
     out = {}
     for name, w in run.workers.items() if n else ():
-        inputs = [prompt_inputs(tok, s) for s in run.sources[name].held_out[:n]]  # ids (+ images of VLM prompts)
+        inputs = [prompt_inputs(tok, s) for s in parity_prompts(run.sources, name, n)]  # ids (+ images of VLM prompts)
         w.activate()
         out[name] = parity_check(w, [i for i, _ in inputs], sampling(cfg, tok), warn=cfg.rollout.parity_warn,
                                  media=[m for _, m in inputs])  # fmt: skip
@@ -158,10 +174,14 @@ def merge_final(cfg: Config, inputs: list[str], out_dir: str) -> None:
     from copd_megatron.checkpoint.merge_cli import check_compatible, run_merge
 
     m = cfg.merge
-    args = SimpleNamespace(inputs=inputs, base=cfg.checkpoint.base, method=m.method, weights=m.weights, lam=m.lam,
+    from copd_megatron.checkpoint.merge import NEEDS_BASE
+
+    base = cfg.checkpoint.base if m.method in NEEDS_BASE else None  # an average reads no base
+    args = SimpleNamespace(inputs=inputs, base=base, method=m.method, weights=m.weights, lam=m.lam,
                            density=m.density, drop_p=m.drop_p, seed=cfg.seed if m.seed is None else m.seed,
                            tp=cfg.parallel.tp, pp=cfg.parallel.pp, out=out_dir)  # fmt: skip
     check_compatible(inputs + ([args.base] if args.base else []))
+    logger.info("merging %s (%s) into %s", [Path(i).name for i in inputs], m.method, out_dir)
     run_merge(args)
     logger.info("merged %s (%s) into %s", [Path(i).name for i in inputs], m.method, out_dir)
 

@@ -21,14 +21,12 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-import torch
-import torch.distributed as dist
-
 from copd_megatron.config.schema import Config
 from copd_megatron.copd.rlvr import Rollouts, cross_batch, native_batch, roll, rollout_metrics
 from copd_megatron.copd.router import Router, ScoreRequest
 from copd_megatron.copd.sources import Source, sampling, split_evenly
 from copd_megatron.data.batch import Batch
+from copd_megatron.distributed.device import all_reduce_values
 from copd_megatron.losses import ids_overlap
 
 FULL_VOCAB = ("reverse_kl", "forward_kl", "jsd")
@@ -219,15 +217,13 @@ def dp_mean(pairs: dict[str, tuple[float, float]], groups) -> dict[str, float]:
     if not pairs:
         return {}
     keys = sorted(pairs)
-    t = torch.tensor([pairs[k] for k in keys], dtype=torch.float64)
+    flat = [x for k in keys for x in pairs[k]]
     if groups is not None and groups.dp_size > 1:
-        dist.all_reduce(t, group=groups.dp)
-    return {k: float(s / c) if c else 0.0 for k, (s, c) in zip(keys, t.tolist())}
+        flat = all_reduce_values(flat, groups.dp)  # one collective through the runtime device
+    return {k: (s / c if c else 0.0) for k, s, c in zip(keys, flat[0::2], flat[1::2])}
 
 
 def dp_sum(values: list[float], groups) -> list[float]:
     if groups is None or groups.dp_size == 1:
         return values
-    t = torch.tensor(values, dtype=torch.float64)
-    dist.all_reduce(t, group=groups.dp)
-    return t.tolist()
+    return all_reduce_values(values, groups.dp)

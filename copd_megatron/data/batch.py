@@ -46,6 +46,19 @@ class MicroBatch:
         mask = torch.ones(b, s, device=tokens.device) if loss_mask is None else loss_mask[:, 1:].float().contiguous()
         return MicroBatch(inputs, labels, mask, rows=b)
 
+    def to(self, device) -> "MicroBatch":
+        """Every tensor (fields, and tensors inside ragged lists one level deep) on ``device``."""
+        def move(v):
+            if isinstance(v, torch.Tensor):
+                return v.to(device)
+            if isinstance(v, list):
+                return [x.to(device) if isinstance(x, torch.Tensor) else x for x in v]
+            return v
+
+        pos = self.position_ids.to(device) if self.position_ids is not None else None
+        return MicroBatch(self.tokens.to(device), self.labels.to(device), self.loss_mask.to(device),
+                          {k: move(v) for k, v in self.fields.items()}, pos, self.rows, self.offset)  # fmt: skip
+
 
 @dataclass
 class Batch:
@@ -130,14 +143,17 @@ class Batch:
         return out
 
     def micro_batches(self, size: int, *, trim: bool = True, mask_field: str = "loss_mask",
-                      pad_multiple: int = 1) -> list[MicroBatch]:  # fmt: skip
-        """Cut the rows into micro-batches of ``size`` rows.
+                      pad_multiple: int = 1, device=None) -> list[MicroBatch]:  # fmt: skip
+        """Cut the rows into micro-batches of ``size`` rows, each moved to ``device`` (the one move
+        of a batch from the host to the device; None: where the batch is).
 
         A short last micro-batch is filled with copies of row 0 whose loss mask is 0 (pipeline
         stages exchange fixed shapes; the copies keep ragged inputs consistent). With ``trim``
         (no pipeline stages), each micro-batch is cut after its last position where ``mask_field``
-        is non-zero, so short responses do not pay for the longest one; the kept input length is
-        rounded up to ``pad_multiple`` (FP8 GEMMs and sequence parallelism need multiples)."""
+        is non-zero, so short responses do not pay for the longest one. The input length is then
+        rounded up to ``pad_multiple`` (FP8 GEMMs need multiples of 16, sequence parallelism of TP),
+        right-padding past the batch's width with masked zeros when needed: causal attention keeps
+        the real positions' results unchanged."""
         n = len(self)
         mask = self.fields.get(mask_field)
         if mask is None:
@@ -155,17 +171,17 @@ class Batch:
             if trim:
                 nz = m.sum(0).nonzero()
                 used = int(nz[-1]) + 1 if nz.numel() else 1
-                used = min(self.width - 1, -(-used // pad_multiple) * pad_multiple)
+            used = -(-used // pad_multiple) * pad_multiple
             sub = self.select(idx)
-            mb = MicroBatch.from_tokens(sub.tokens[:, : used + 1])
-            mb.loss_mask = m[:, :used]
+            mb = MicroBatch.from_tokens(_fit(sub.tokens, used + 1))
+            mb.loss_mask = _fit(m, used)
             mb.rows = real
             for k, v in sub.fields.items():
                 kind = sub.kinds[k]
                 if k == mask_field:
                     continue
-                mb.fields[k] = v[:, :used] if kind == TARGET else v[:, : used + 1] if kind == TOKEN else v
-            out.append(mb)
+                mb.fields[k] = _fit(v, used) if kind == TARGET else _fit(v, used + 1) if kind == TOKEN else v
+            out.append(mb.to(device) if device is not None else mb)
         return out
 
     def to(self, device) -> "Batch":
@@ -185,6 +201,12 @@ def _pad_dim1(t: torch.Tensor, width: int, value) -> torch.Tensor:
     return torch.nn.functional.pad(t, pad, value=value)
 
 
+def _fit(t: torch.Tensor, width: int) -> torch.Tensor:
+    """Dim 1 cut or zero-padded to ``width``."""
+    return t[:, :width] if t.shape[1] >= width else _pad_dim1(t, width, 0)
+
+
 def pad_to_width(t: torch.Tensor, width: int) -> torch.Tensor:
-    """Right-pad dim 1 of a trimmed micro-batch result back to the batch's full width (zeros)."""
-    return _pad_dim1(t, width, 0)
+    """Dim 1 of a micro-batch result back to the batch's full width: zero-padded when it was
+    trimmed, cut when it was padded past the width (FP8 / sequence-parallel multiples)."""
+    return _fit(t, width)

@@ -5,7 +5,8 @@ top-k ids and metrics are computed there; other stages that need them (the train
 rank, the next rollout's old log-probs) receive them with :func:`broadcast_from_last_stage`.
 Only small per-token results travel, never logits. :func:`broadcast_tree` sends any nested
 dict/list of tensors and plain values from one member of a group to the others (branches on
-different ranks exchange rollouts and teacher scores with it).
+different ranks exchange rollouts and teacher scores with it). Tensors travel through the runtime
+device (NCCL takes CUDA tensors only) and arrive on the device kind they left from.
 """
 
 from __future__ import annotations
@@ -15,15 +16,29 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from copd_megatron.distributed.device import runtime_device
+
 
 def _is_tensor_dict(obj: Any) -> bool:
     return isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values())
 
 
-def _receive_device(kind: str) -> torch.device:
-    if kind == "cuda":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device(kind)
+def _send(t: torch.Tensor, src: int, group) -> torch.Tensor:
+    """Broadcast one tensor through the runtime device (NCCL takes CUDA tensors only); every member
+    gets it back on the device kind the source had it on (a host tensor stays a host tensor)."""
+    dev = runtime_device()
+    moved = t.to(dev) if t.device != dev else t
+    dist.broadcast(moved, src=src, group=group)
+    return t
+
+
+def _empty(shape, dtype) -> torch.Tensor:
+    """A receive buffer on the runtime device (moved to the source's device kind by :func:`_back`)."""
+    return torch.empty(shape, dtype=dtype, device=runtime_device())
+
+
+def _back(t: torch.Tensor, kind: str) -> torch.Tensor:
+    return t if t.device.type == kind else t.to(runtime_device() if kind != "cpu" else "cpu")
 
 
 def broadcast_from_last_stage(value: Any, pp_group) -> Any:
@@ -52,10 +67,13 @@ def broadcast_from_last_stage(value: Any, pp_group) -> Any:
         return box[0][1]
     _, single, layout = box[0]
     out = {}
-    for name, shape, dtype, kind in layout:
-        t = tensors[name].contiguous() if is_src else torch.empty(shape, dtype=dtype, device=_receive_device(kind))
-        dist.broadcast(t, src=src, group=pp_group)  # tensors in layout order on every stage
-        out[name] = t
+    for name, shape, dtype, kind in layout:  # tensors in layout order on every stage
+        if is_src:
+            out[name] = _send(tensors[name].contiguous(), src, pp_group)
+        else:
+            t = _empty(shape, dtype)
+            dist.broadcast(t, src=src, group=pp_group)
+            out[name] = _back(t, kind)
     return out[""] if single else out
 
 
@@ -87,7 +105,8 @@ def _unflatten(skeleton: Any, tensors: list) -> Any:
 def broadcast_tree(tree: Any, src: int, group) -> Any:
     """``tree`` of global rank ``src`` on every member of ``group`` (every member must call this;
     only ``src``'s argument is read). One object broadcast carries the structure and the tensors'
-    shapes/dtypes; each tensor then goes through ``dist.broadcast`` on its own device type."""
+    shapes/dtypes; each tensor then goes through ``dist.broadcast`` on the runtime device and arrives
+    on the device kind the source had it on."""
     if group is None or not dist.is_initialized() or dist.get_world_size(group) == 1:
         return tree
     is_src = dist.get_rank() == src
@@ -99,9 +118,12 @@ def broadcast_tree(tree: Any, src: int, group) -> Any:
     _collect_specs(skeleton, specs)
     received = []
     for i, (shape, dtype, kind) in enumerate(specs):
-        t = tensors[i].contiguous() if is_src else torch.empty(shape, dtype=dtype, device=_receive_device(kind))
-        dist.broadcast(t, src=src, group=group)
-        received.append(t)
+        if is_src:
+            received.append(_send(tensors[i].contiguous(), src, group))
+        else:
+            t = _empty(shape, dtype)
+            dist.broadcast(t, src=src, group=group)
+            received.append(_back(t, kind))
     return _unflatten(skeleton, received)
 
 

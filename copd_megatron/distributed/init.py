@@ -113,12 +113,17 @@ def init_distributed(
     cuda = torch.cuda.is_available()
     if backend == "auto":
         backend = "nccl" if cuda else "gloo"
+    from copd_megatron.distributed.device import set_runtime_device
+
     if cuda:
-        torch.cuda.set_device(dist_env.local_rank % torch.cuda.device_count())
+        local = dist_env.local_rank % torch.cuda.device_count()
+        torch.cuda.set_device(local)
+        set_runtime_device(torch.device("cuda", local))  # every batch, buffer and collective goes here
     else:
         from copd_megatron.distributed import cpu_compat
 
         cpu_compat.activate()
+        set_runtime_device("cpu")
     if not dist.is_initialized():
         store = rendezvous(dist_env, rendezvous_timeout_s)
         dist.init_process_group(

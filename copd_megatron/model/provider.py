@@ -26,6 +26,7 @@ import torch
 
 from copd_megatron.config.layout import padded_vocab_size
 from copd_megatron.data.batch import MicroBatch
+from copd_megatron.distributed.device import place_module
 
 
 class ModelProvider(Protocol):
@@ -104,7 +105,7 @@ class GPTProvider:
                 rope_scaling=m.rope_scaling, rope_scaling_factor=m.rope_scaling_factor,
                 pg_collection=groups.pg_collection, vp_stage=vp,
             ))  # fmt: skip
-        return chunks
+        return [place_module(c) for c in chunks]  # a few weights (torch norms) are born on the host
 
     def forward(self, chunk, mb: MicroBatch, *, inference_context=None, with_labels: bool = False):
         return gpt_forward(chunk, mb, inference_context=inference_context, with_labels=with_labels)

@@ -9,11 +9,11 @@ completions are seeded per (seed, domain, prompt, sample): the same numbers at a
 
 from __future__ import annotations
 
-import torch
 import torch.distributed as dist
 
 from copd_megatron.data.media import prompt_inputs
 from copd_megatron.data.tokenizer import encode_prompt
+from copd_megatron.distributed.device import all_reduce_values
 from copd_megatron.rollout.types import GenerationRequest, SamplingParams
 from copd_megatron.utils.seeds import derived_seed
 
@@ -73,16 +73,15 @@ def evaluate(
         idx = list(range(rank, len(items), dp))
         mine = [items[i] for i in idx]
         greedy = completions(engine, tokenizer, mine, _stop_params(tokenizer, max_new_tokens, stop, greedy=True), encode)
-        counts = torch.tensor([sum(verifier(c, s) for c, s in zip(greedy, mine)), 0.0, float(len(mine))],
-                              dtype=torch.float64)  # fmt: skip
+        counts = [float(sum(verifier(c, s) for c, s in zip(greedy, mine))), 0.0, float(len(mine))]
         if samples > 1:
             rep = [s for s in mine for _ in range(samples)]
             seeds = [derived_seed(seed, "eval", domain, i, k) for i in idx for k in range(samples)]
             params = _stop_params(tokenizer, max_new_tokens, stop, temperature=temperature)
             sampled = completions(engine, tokenizer, rep, params, encode, seeds)
-            counts[1] = sum(verifier(c, s) for c, s in zip(sampled, rep))
+            counts[1] = float(sum(verifier(c, s) for c, s in zip(sampled, rep)))
         if dp_group is not None and dp > 1:
-            dist.all_reduce(counts, group=dp_group)  # every DP rank scored different prompts
+            counts = all_reduce_values(counts, dp_group)  # every DP rank scored different prompts
         n = max(float(counts[2]), 1.0)
         results[domain] = {"pass@1": float(counts[0]) / n, "n": int(counts[2])}
         if samples > 1:

@@ -33,6 +33,8 @@ import torch
 import torch.distributed as dist
 
 from copd_megatron.data.batch import MicroBatch
+from copd_megatron.distributed.device import runtime_device
+from copd_megatron.model.precision import precision_pass
 from copd_megatron.model.provider import forward_of, unwrap
 from copd_megatron.rollout.engine import EngineContext, register_engine
 from copd_megatron.rollout.types import GenerationRequest, RolloutBatch, SamplingParams, as_requests
@@ -95,6 +97,8 @@ class MegatronEngine:
         self.never_sample = list(getattr(provider, "never_sample", ()))  # e.g. image placeholder ids
         self.groups = groups if groups is not None else (shared_groups() if dist.is_initialized() else None)
         self.weight_version = 0
+        self.device = runtime_device()  # token buffers, KV cache and sampling live here
+        self.precision = getattr(provider, "precision", None)  # precision.generate (model/precision.py)
 
     # -- protocol -----------------------------------------------------------------------------
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
@@ -117,44 +121,54 @@ class MegatronEngine:
         if params.stop_strings and self.decode is None:
             raise ValueError("stop strings need a decode function (pass the tokenizer's decode)")
         t0 = time.perf_counter()
-        n = len(requests)
-        lens = torch.tensor([len(r.prompt_ids) for r in requests])
-        seeds = torch.tensor([int(r.seed) for r in requests], dtype=torch.int64)
-        total = int(lens.max()) + params.max_new_tokens
+        n, dev = len(requests), self.device
+        host_lens = [len(r.prompt_ids) for r in requests]
+        total = max(host_lens) + params.max_new_tokens
         tokens = torch.full((n, total), self.pad_id, dtype=torch.long)
         for i, r in enumerate(requests):
             tokens[i, : len(r.prompt_ids)] = torch.tensor(r.prompt_ids)
-        logprobs = torch.zeros(n, total)
-        done = torch.zeros(n, dtype=torch.bool)
-        finished = torch.zeros(n, dtype=torch.bool)
-        resp_lens = torch.zeros(n, dtype=torch.long)
+        # Every per-step tensor lives on the device; the only per-step sync is the "all done?" test.
+        tokens, lens = tokens.to(dev), torch.tensor(host_lens, device=dev)
+        seeds = torch.tensor([int(r.seed) for r in requests], dtype=torch.int64, device=dev)
+        logprobs = torch.zeros(n, total, device=dev)
+        done = torch.zeros(n, dtype=torch.bool, device=dev)
+        finished = torch.zeros(n, dtype=torch.bool, device=dev)
+        resp_lens = torch.zeros(n, dtype=torch.long, device=dev)
         media = [r.media for r in requests]
-        ctx = StaticInferenceContext(n, total) if self.use_kv_cache else None
-        was_training, sp = self.model.training, self._set_sequence_parallel(False)
+        # Sequence parallelism splits every input over the TP ranks, and TE's linear layers fix the
+        # flag when they are built: decoding keeps SP on, recomputes the prefix (no KV cache) and pads
+        # it to a multiple of TP. Without SP: prefill once, then one token per step against the cache.
+        sp = bool(getattr(unwrap(self.model).config, "sequence_parallel", False))
+        pad = self.groups.tp_size if sp and self.groups is not None else 1
+        ctx = StaticInferenceContext(n, total) if self.use_kv_cache and not sp else None
+        was_training = self.model.training
         self.model.eval()
         prev, steps = 0, 0
         hook = self._output_on_last_position() if ctx is not None else None
         try:
-            for cur in range(int(lens.min()), total):
-                start = prev if ctx is not None else 0
-                last_logits = self._forward_last(tokens[:, start:cur], start, ctx, media)
-                prev, steps = cur, steps + 1
-                u = counter_uniforms(seeds, (cur - lens).clamp(min=0))  # the k-th response token's draw
-                ids, lps = self._sample_and_share(last_logits, params, u, n)
-                generating = (lens <= cur) & ~done  # position `cur` is a response position
-                tokens[:, cur] = torch.where(generating, ids, torch.where(lens <= cur, self.pad_id, tokens[:, cur]))
-                logprobs[:, cur] = torch.where(generating, lps, 0.0)
-                resp_lens += generating.long()
-                stopped = generating & self._stopped(tokens, lens, cur, params)
-                finished |= stopped
-                done |= stopped | (generating & (cur + 1 - lens >= params.max_new_tokens))
-                if bool(done.all()):
-                    break
+            with precision_pass([self.model], self.precision, "generate"):
+                for cur in range(min(host_lens), total):
+                    start = prev if ctx is not None else 0
+                    last_logits = self._forward_last(tokens[:, start:cur], start, ctx, media, pad)
+                    prev, steps = cur, steps + 1
+                    u = counter_uniforms(seeds, (cur - lens).clamp(min=0))  # the k-th response token's draw
+                    ids, lps = self._sample_and_share(last_logits, params, u, n)
+                    generating = (lens <= cur) & ~done  # position `cur` is a response position
+                    tokens[:, cur] = torch.where(generating, ids, torch.where(lens <= cur, self.pad_id, tokens[:, cur]))
+                    logprobs[:, cur] = torch.where(generating, lps, 0.0)
+                    resp_lens += generating.long()
+                    stopped = generating & self._stopped(tokens, lens, cur, params)
+                    finished |= stopped
+                    done |= stopped | (generating & (cur + 1 - lens >= params.max_new_tokens))
+                    if bool(done.all()):
+                        break
         finally:
             if hook is not None:
                 hook.remove()
             self.model.train(was_training)
-            self._set_sequence_parallel(sp)
+        # The rollout goes to the host once: decoding, verifiers and batch bookkeeping run there.
+        tokens, logprobs, resp_lens, finished = tokens.cpu(), logprobs.cpu(), resp_lens.cpu(), finished.cpu()
+        lens = torch.tensor(host_lens)
         length = int((lens + resp_lens).max())
         seconds = time.perf_counter() - t0
         pos = torch.arange(length)[None, :]
@@ -164,14 +178,14 @@ class MegatronEngine:
                             self.weight_version, media)  # fmt: skip
 
     def _stopped(self, tokens, lens, cur, params) -> torch.Tensor:
-        stop = torch.zeros(tokens.shape[0], dtype=torch.bool)
+        stop = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
         if params.stop_token_ids:
-            stop |= torch.isin(tokens[:, cur], torch.tensor(params.stop_token_ids))
-        if params.stop_strings:
-            for i in range(tokens.shape[0]):
-                if cur >= lens[i]:
-                    text = self.decode(tokens[i, lens[i] : cur + 1].tolist())
-                    stop[i] |= any(s in text for s in params.stop_strings)
+            stop |= torch.isin(tokens[:, cur], torch.tensor(params.stop_token_ids, device=tokens.device))
+        if params.stop_strings:  # decoding text needs the host: one copy of the rows per step
+            rows, host_lens = tokens[:, : cur + 1].cpu(), lens.cpu().tolist()
+            hit = [cur >= host_lens[i] and any(s in self.decode(rows[i, host_lens[i] :].tolist())
+                                              for s in params.stop_strings) for i in range(len(host_lens))]  # fmt: skip
+            stop |= torch.tensor(hit, dtype=torch.bool, device=tokens.device)
         return stop
 
     def _output_on_last_position(self):
@@ -186,29 +200,28 @@ class MegatronEngine:
         # Megatron's layout is [s, n, h]: keep the last position, as a length-1 sequence.
         return layers[0].register_forward_pre_hook(lambda module, args: (args[0][-1:], *args[1:]))
 
-    def _set_sequence_parallel(self, value: bool) -> bool:
-        """Decoding one token cannot be sequence-sharded: switch SP off while generating."""
-        config = unwrap(self.model).config
-        old, config.sequence_parallel = config.sequence_parallel, value
-        return old
-
-    def _forward_last(self, tokens: torch.Tensor, offset: int, ctx, media: list) -> torch.Tensor | None:
+    def _forward_last(self, tokens: torch.Tensor, offset: int, ctx, media: list, pad: int = 1) -> torch.Tensor | None:
         """Run positions ``offset..offset+s`` through this rank's stage; on the last stage
-        return the full-vocabulary logits of the final position ``[n, V]`` (else None)."""
+        return the full-vocabulary logits of the final position ``[n, V]`` (else None). ``pad``:
+        right-pad the input to a multiple of it (sequence parallelism; causal attention keeps the
+        real positions' outputs exact)."""
         from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
 
         g = self.groups
-        n, s = tokens.shape
+        n, real = tokens.shape
+        if real % pad:
+            tokens = torch.nn.functional.pad(tokens, (0, pad - real % pad), value=self.pad_id)
+        s = tokens.shape[1]
         model = unwrap(self.model)
         first = g is None or g.is_first_stage
         last = g is None or g.is_last_stage
         if not first:
             h = model.config.hidden_size
-            recv = torch.empty(s, n, h, dtype=model.config.pipeline_dtype)
+            recv = torch.empty(s, n, h, dtype=model.config.pipeline_dtype, device=tokens.device)
             # Hidden states of the previous stage for these positions ([s, n, h], Megatron's layout).
             dist.recv(recv, src=g.pp_global(g.pp_rank - 1), group=g.pp)
             model.set_input_tensor(recv)
-        mb = MicroBatch(tokens, tokens, torch.zeros(n, s), rows=n, offset=offset)
+        mb = MicroBatch(tokens, tokens, torch.zeros(n, s, device=tokens.device), rows=n, offset=offset)
         if any(media):
             mb.fields["media"] = media
         out = self.forward(self.model, mb, inference_context=ctx)
@@ -217,7 +230,9 @@ class MegatronEngine:
         if not last:
             dist.send(out.contiguous(), dst=g.pp_global(g.pp_rank + 1), group=g.pp)
             return None
-        logits = out[:, -1, :].float()  # [n, V/tp] vocab-parallel logits of the final position
+        # [n, V/tp] vocab-parallel logits of the final real position, counted from the end: the output
+        # holds every position, or only the last one when the KV-cache path's hook slices it (no padding).
+        logits = out[:, real - 1 - s, :].float()
         if g is not None and g.tp_size > 1:
             logits = gather_from_tensor_model_parallel_region(logits, g.tp)  # [n, V]: one position only
         logits[:, self.vocab_size :] = float("-inf")  # padded vocabulary entries
@@ -226,7 +241,7 @@ class MegatronEngine:
 
     def _sample_and_share(self, logits, params, uniforms, n) -> tuple[torch.Tensor, torch.Tensor]:
         g = self.groups
-        packed = torch.zeros(2, n)
+        packed = torch.zeros(2, n, device=self.device)
         if logits is not None:
             ids, lps = sample_tokens(logits, params, uniforms)
             packed = torch.stack([ids.float(), lps])

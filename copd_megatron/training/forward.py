@@ -16,6 +16,7 @@ import torch
 from copd_megatron.data.batch import MicroBatch
 from copd_megatron.distributed.comm import broadcast_from_last_stage
 from copd_megatron.model.build import BranchModel
+from copd_megatron.model.precision import precision_pass
 from copd_megatron.model.provider import forward_of
 from copd_megatron.training.step import run_schedule
 
@@ -28,7 +29,8 @@ def forward_collect(
 ) -> dict[str, torch.Tensor]:
     """Run ``fn`` on every micro-batch's logits; return results concatenated along dim 0 on all
     ranks of the pipeline (``broadcast=False``: on the last stage only, e.g. for logits themselves).
-    Scoring never changes the model: no gradients, dropout off, training mode restored after."""
+    Scoring never changes the model: no gradients, dropout off, training mode restored after, and the
+    pass runs at ``precision.score`` without touching FP8 scaling state (``model/precision.py``)."""
     forward = forward_of(branch.provider)
 
     def forward_step(data_iterator, model):
@@ -36,7 +38,8 @@ def forward_collect(
         out = forward(model, mb)
 
         def collect(logits):
-            return torch.zeros((), device=logits.device), torch.tensor(1, dtype=torch.int), fn(logits, mb)
+            return (torch.zeros((), device=logits.device), torch.ones((), dtype=torch.int, device=logits.device),
+                    fn(logits, mb))  # fmt: skip
 
         return out, collect
 
@@ -44,7 +47,7 @@ def forward_collect(
     for c in branch.chunks:
         c.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), precision_pass(branch.chunks, getattr(branch.provider, "precision", None), "score"):
             outputs = run_schedule(branch, microbatches, forward_step, forward_only=True)
     finally:
         for c, t in zip(branch.chunks, was_training):

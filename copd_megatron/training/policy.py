@@ -29,6 +29,7 @@ import torch
 
 from copd_megatron.config.schema import LossConfig, OPDConfig
 from copd_megatron.data.batch import Batch, MicroBatch
+from copd_megatron.distributed.device import runtime_device
 from copd_megatron.losses import (
     aggregate,
     entropy_from_logits,
@@ -116,11 +117,13 @@ def _stack_teacher_logits(rows: list, like: torch.Tensor) -> torch.Tensor:
 def policy_update(
     branch: BranchModel, batch: Batch, loss: LossConfig, opd: OPDConfig, *, micro_batch_size: int,
     temperature: float, vocab_size: int, max_len: int, step_index: int = -1, trim: bool | None = None,
+    pad_multiple: int = 1,
 ) -> StepResult:  # fmt: skip
-    """One optimizer step of the clipped surrogate on ``batch`` (fields: see module doc)."""
+    """One optimizer step of the clipped surrogate on ``batch`` (fields: see module doc; the batch
+    may live on the host, its micro-batches are moved to the runtime device)."""
     g = branch.groups
     trim = (g is None or g.pp_size == 1) if trim is None else trim  # pipeline stages exchange fixed shapes
-    mbs = batch.micro_batches(micro_batch_size, trim=trim)
+    mbs = batch.micro_batches(micro_batch_size, trim=trim, pad_multiple=pad_multiple, device=runtime_device())
     tp_group = g.tp if g is not None else None
     loss_fn = make_policy_loss(loss, opd, temperature=temperature, vocab_size=vocab_size, max_len=max_len,
                                tp_group=tp_group)  # fmt: skip

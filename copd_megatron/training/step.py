@@ -18,7 +18,9 @@ import torch
 import torch.distributed as dist
 
 from copd_megatron.data.batch import MicroBatch
+from copd_megatron.distributed.device import runtime_device
 from copd_megatron.model.build import BranchModel
+from copd_megatron.model.precision import precision_pass
 from copd_megatron.model.provider import forward_of
 from copd_megatron.utils.faults import maybe_die
 
@@ -95,10 +97,11 @@ def reduce_metrics(reduced: list[dict], groups=None) -> dict[str, tuple[float, f
         box = [keys]
         dist.broadcast_object_list(box, src=g.pp_global(g.pp_size - 1), group=g.pp)
         keys = box[0]
-    total = torch.zeros(len(keys), 2, dtype=torch.float64)
+    # Summed on the device, reduced there, and copied to the host once (one sync per step).
+    total = torch.zeros(len(keys), 2, dtype=torch.float64, device=runtime_device())
     for r in reduced:
         for i, k in enumerate(keys):
-            total[i] += r[k].detach().double().cpu().reshape(2)
+            total[i] += r[k].detach().double().reshape(2).to(total.device)
     if g is not None and keys:
         # Sum over data-parallel replicas (each saw different sequences).
         if g.dp_size > 1:
@@ -106,7 +109,8 @@ def reduce_metrics(reduced: list[dict], groups=None) -> dict[str, tuple[float, f
         # Only the last pipeline stage computed a loss; the other stages receive it.
         if g.pp_size > 1:
             dist.broadcast(total, src=g.pp_global(g.pp_size - 1), group=g.pp)
-    return {k: (float(total[i, 0]), float(total[i, 1])) for i, k in enumerate(keys)}
+    host = total.tolist()
+    return {k: (float(host[i][0]), float(host[i][1])) for i, k in enumerate(keys)}
 
 
 def train_step(
@@ -124,7 +128,8 @@ def train_step(
     for chunk in branch.chunks:
         chunk.zero_grad_buffer()
     branch.optimizer.zero_grad()
-    reduced = run_schedule(branch, microbatches, _forward_step(branch, loss_fn, with_labels), forward_only=False)
+    with precision_pass(branch.chunks, getattr(branch.provider, "precision", None), "train"):
+        reduced = run_schedule(branch, microbatches, _forward_step(branch, loss_fn, with_labels), forward_only=False)
     maybe_die("train", step_index)
     ok, grad_norm, _ = branch.optimizer.step()
     lr = branch.optimizer.param_groups[0]["lr"]

@@ -28,6 +28,7 @@ import torch
 
 from copd_megatron.data.batch import Batch, pad_to_width
 from copd_megatron.distributed.comm import broadcast_from_last_stage
+from copd_megatron.distributed.device import runtime_device
 from copd_megatron.losses import global_topk, token_logprobs
 from copd_megatron.model.build import BranchModel
 from copd_megatron.model.offload import OptimizerOffloader, WeightOffloader
@@ -50,6 +51,7 @@ class WorkerSettings:
     offload_weights: bool = False
     offload_optimizer: bool = False
     logprob_chunk_size: int = 0
+    pad_multiple: int = 1  # micro-batch token lengths are multiples of this (FP8: 16; sequence parallel: tp)
 
 
 @dataclass
@@ -108,7 +110,7 @@ class BranchWorker:
         s = self.settings
         result = policy_update(self.model, batch, s.loss, s.opd, micro_batch_size=s.micro_batch_size,
                                temperature=s.temperature, vocab_size=s.vocab_size, max_len=s.max_new_tokens,
-                               step_index=step_index)  # fmt: skip
+                               step_index=step_index, pad_multiple=s.pad_multiple)  # fmt: skip
         self.weight_version += 1
         return result
 
@@ -143,7 +145,9 @@ def score_batch(model: BranchModel, batch: Batch, s: WorkerSettings, *, logprobs
                 full_logits: bool = False) -> dict:  # fmt: skip
     """One forward pass of ``model`` over ``batch``: ``logprobs`` [n, L-1] of the next tokens at the
     sampling temperature, ``topk_ids``/``topk_vals`` [n, L-1, k] (global ids, logits / T), and
-    ``logits`` (full_logits): a per-row list of ``[len, V/tp]`` on the last pipeline stage only."""
+    ``logits`` (full_logits): a per-row list of ``[len, V/tp]`` on the last pipeline stage only.
+    The batch may live on the host: micro-batches go to the device, the small per-token results
+    come back to the host (like the batch they join); logits stay on the device."""
     g = model.groups
     n, width = len(batch), batch.width - 1
     tp_group = g.tp if g is not None else None
@@ -162,11 +166,13 @@ def score_batch(model: BranchModel, batch: Batch, s: WorkerSettings, *, logprobs
         return out
 
     trim = g is None or g.pp_size == 1  # pipeline stages exchange fixed shapes
-    res = forward_collect(model, batch.micro_batches(s.micro_batch_size, trim=trim), fn, broadcast=False)
+    mbs = batch.micro_batches(s.micro_batch_size, trim=trim, pad_multiple=s.pad_multiple, device=runtime_device())
+    res = forward_collect(model, mbs, fn, broadcast=False)
     res = {k: v[:n] for k, v in res.items()}
     logits = res.pop("logits", None)
     if g is not None and g.pp_size > 1:  # small per-token results to every stage; logits stay
         res = broadcast_from_last_stage(res if g.is_last_stage else None, g.pp)
+    res = {k: v.cpu() for k, v in res.items()}  # one copy per result, to join the host batch
     if full_logits:
         mask = batch.get("loss_mask")
         res["logits"] = [None] * n if logits is None else [_trim_row(logits[i], mask, i) for i in range(n)]

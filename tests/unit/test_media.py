@@ -178,9 +178,16 @@ def test_prompt_text_that_encodes_to_a_placeholder_is_refused(tmp_path):
 
 
 def _vlm_config(tmp_path: Path, data: Path) -> Path:
+    from copd_megatron.data.tokenizer import load_tokenizer, train_sentencepiece
+
+    # A real tokenizer (copd-train --check also checks it): <image> at id 4, vocabulary 300.
+    tok = train_sentencepiece([f"q {i} count a in abba" for i in range(200)], tmp_path / "tok", vocab_size=300,
+                              user_defined_symbols=("<image>", "<video>"))  # fmt: skip
+    vocab = load_tokenizer(tok).vocab_size
     cfg = {
-        "tokenizer": str(tmp_path / "tok.model"),
-        "model": {"preset": "tiny", "arch": "llava", "vision": {"preset": "tiny", "image_token_id": 7}},
+        "tokenizer": str(tok),
+        "model": {"preset": "tiny", "arch": "llava", "vocab_size": vocab,
+                  "vision": {"preset": "tiny", "image_token_id": 4, "video_token_id": 5}},
         "branches": [{"name": "img", "data": str(data), "verifier": "exact_match"},
                      {"name": "txt", "data": "synthetic:count", "verifier": "synthetic_count"}],
     }  # fmt: skip
