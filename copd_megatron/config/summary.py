@@ -41,14 +41,31 @@ def count_parameters(m: ModelConfig) -> int:
     return m.num_layers * (attn + mlp + 2 * norm) + norm + embeddings
 
 
+def vision_parameters(m: ModelConfig) -> int:
+    """Parameters of a Qwen-VL vision tower (ViT, patch merger, DeepStack mergers; exact, from the
+    Megatron tensor shapes of ``checkpoint/hf_vl.py``); 0 for a text model or a llava tower."""
+    from copd_megatron.config.vision import QWEN_VL_ARCHS
+
+    if m.vision is None or m.arch not in QWEN_VL_ARCHS:
+        return 0
+    from math import prod
+
+    from copd_megatron.checkpoint.hf_vl import mcore_shapes
+
+    return sum(prod(shape) for name, shape in mcore_shapes(m).items() if name.startswith("vision_model."))
+
+
 def describe_model(m: ModelConfig) -> str:
     """``36 layers, hidden 4096, 32 heads (8 KV groups, head dim 128), FFN 12288, vocab 151936: 8.19B parameters``."""
     d = m.kv_channels or m.hidden_size // m.num_attention_heads
     groups = m.num_query_groups or m.num_attention_heads
     preset = f"preset {m.preset}, " if m.preset else ""
+    vision = vision_parameters(m)
+    tower = (f" + a {m.vision.num_layers}-layer ViT ({human_count(vision)}): {human_count(count_parameters(m) + vision)}"
+             if vision else "")  # fmt: skip
     return (f"{preset}{m.num_layers} layers, hidden {m.hidden_size}, {m.num_attention_heads} heads ({groups} KV groups, "
             f"head dim {d}), FFN {m.ffn_hidden_size}, vocab {m.vocab_size}: {human_count(count_parameters(m))} "
-            "parameters")  # fmt: skip
+            f"parameters{tower}")  # fmt: skip
 
 
 def human_count(n: int) -> str:
