@@ -42,17 +42,30 @@ def count_parameters(m: ModelConfig) -> int:
 
 
 def vision_parameters(m: ModelConfig) -> int:
-    """Parameters of a Qwen-VL vision tower (ViT, patch merger, DeepStack mergers; exact, from the
-    Megatron tensor shapes of ``checkpoint/hf_vl.py``); 0 for a text model or a llava tower."""
-    from copd_megatron.config.vision import QWEN_VL_ARCHS
+    """Parameters of a Qwen-VL vision tower (0 for a text model or a llava tower), closed-form.
+
+    With ``h_v`` ViT width, ``f`` its MLP, ``P``/``Tp``/``C`` patch sizes, ``w = h_v·m²`` the merger
+    width and ``h`` the language model's width: patch embedding ``h_v·C·Tp·P²`` (Qwen3-VL: + bias
+    ``h_v`` and the position table ``n_pos·h_v``); per layer attention ``4·h_v² + 4·h_v`` (QKV and
+    output with biases), MLP ``2·h_v·f + f + h_v`` (Qwen2.5-VL's gated MLP: ``3·h_v·f + 2f + h_v``),
+    two norms (LayerNorm in Qwen3-VL: ``4·h_v``, RMSNorm: ``2·h_v``); each merger ``w² + w + h·w + h``
+    plus its norm over ``h_v`` (the DeepStack mergers' over ``w``; Qwen3-VL's LayerNorms have
+    biases). ``tests/unit/test_qwen_vl.py`` checks it against the converter's tensor shapes."""
+    from copd_megatron.config.vision import QWEN3_VL, QWEN_VL_ARCHS
 
     if m.vision is None or m.arch not in QWEN_VL_ARCHS:
         return 0
-    from math import prod
-
-    from copd_megatron.checkpoint.hf_vl import mcore_shapes
-
-    return sum(prod(shape) for name, shape in mcore_shapes(m).items() if name.startswith("vision_model."))
+    v, qwen3 = m.vision, m.arch == QWEN3_VL
+    hv, f, w = v.hidden_size, v.ffn_hidden_size, v.hidden_size * v.spatial_merge_size**2
+    norm = 2 if qwen3 else 1  # LayerNorm weight + bias, or RMSNorm weight
+    embed = hv * v.in_channels * v.temporal_patch_size * v.patch_size**2
+    if qwen3:
+        embed += hv + v.num_position_embeddings * hv
+    mlp = 2 * hv * f + f + hv if qwen3 else 3 * hv * f + 2 * f + hv
+    layer = 4 * hv * hv + 4 * hv + mlp + 2 * norm * hv
+    merger = w * w + w + m.hidden_size * w + m.hidden_size
+    mergers = merger + norm * hv + len(v.deepstack_layers or []) * (merger + norm * w)
+    return embed + v.num_layers * layer + mergers
 
 
 def describe_model(m: ModelConfig) -> str:

@@ -305,3 +305,17 @@ def test_cli_refuses_vl_checkpoints_it_cannot_explain(tmp_path, capsys) -> None:
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1 and "Traceback" not in err, err
         assert not out.exists() or not any(out.iterdir())
+
+
+@pytest.mark.parametrize("preset", sorted(RELEASED))
+def test_closed_form_vision_count_equals_the_converters_tensor_shapes(preset: str) -> None:
+    """``copd-train --check``'s tower count (config/summary.py, no checkpoint code) against the shapes."""
+    from math import prod
+
+    from copd_megatron.checkpoint.hf_vl import mcore_shapes
+    from copd_megatron.config.summary import count_parameters, vision_parameters
+
+    m = config_from_dict({"model": {"preset": preset}, **SMOKE}).model
+    shapes = mcore_shapes(m)
+    assert vision_parameters(m) == sum(prod(s) for k, s in shapes.items() if k.startswith("vision_model."))
+    assert count_parameters(m) + vision_parameters(m) >= RELEASED[preset]  # + the padded vocabulary rows
