@@ -110,3 +110,34 @@ def test_identical_qwen3_vl_branches_give_zero_opd_advantage_on_image_cross_samp
         assert row[f"branch/{student}/cross/{teacher}/rows"] > 0
         assert row[f"branch/{student}/cross/{teacher}/opd_logratio"] == 0.0, (student, teacher)
         assert row[f"pair/{student}->{teacher}/overlap"] == 1.0
+
+
+COMPARED = ("/loss", "/native/reward", "/grad_norm", "/opd_logratio", "/teacher_version", "/overlap", "/entropy")
+
+
+def _launch(base: Path, run_dir: Path, nproc: int, *extra: str) -> int:
+    token = uuid.uuid4().hex
+    env = {**os.environ, "COPD_TEST_SESSION": token, "OMP_NUM_THREADS": "1"}
+    env.pop("COPD_FAULT", None)
+    launcher = [sys.executable, "-m"] if nproc == 1 else [str(Path(sys.executable).parent / "torchrun"), "--standalone",
+                                                          f"--nproc-per-node={nproc}", "-m"]  # fmt: skip
+    cmd = [*launcher, "copd_megatron.cli", str(CFG), *_overrides(base, run_dir), *extra]
+    with open(run_dir.parent / f"{run_dir.name}.log", "w") as f:
+        try:
+            return subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=900).returncode
+        finally:
+            reap(token)
+
+
+@pytest.mark.slow  # two torchrun worlds on a 2-core machine: a few minutes
+def test_qwen3_vl_disjoint_placement_equals_colocated(qwen_base, tmp_path):
+    """Each branch on its own rank: Qwen media dicts (patches, grids, timestamps) travel with the score
+    requests between branches, and the run equals the colocated one step by step."""
+    assert _launch(qwen_base, tmp_path / "colocated", 1) == 0
+    assert _launch(qwen_base, tmp_path / "disjoint", 2, "parallel.placement=disjoint") == 0
+    a, b = metrics(tmp_path / "colocated"), metrics(tmp_path / "disjoint")
+    assert len(a) == len(b) == 3
+    assert any("/cross/image/" in k for k in a[-1])  # the Phase II step scored image cross samples
+    for x, y in zip(a, b):
+        for k in (k for k in x if k.endswith(COMPARED)):
+            assert y[k] == pytest.approx(x[k], rel=1e-5, abs=1e-6), (x["step"], k)
