@@ -112,6 +112,57 @@ def test_identical_qwen3_vl_branches_give_zero_opd_advantage_on_image_cross_samp
         assert row[f"pair/{student}->{teacher}/overlap"] == 1.0
 
 
+def _engine_vs_trainer(base: str) -> dict:
+    """Rollouts of image and text prompts (different lengths in one batch) with and without the KV
+    cache, and the trainer's forward over the finished rows."""
+    from copd_megatron.config import load_config, validate
+    from copd_megatron.data.batch import RAGGED, Batch
+    from copd_megatron.data.media import prompt_inputs, resolve_samples
+    from copd_megatron.data.tokenizer import load_tokenizer
+    from copd_megatron.distributed.groups import shared_groups
+    from copd_megatron.distributed.init import init_model_parallel, set_seed
+    from copd_megatron.model.provider import forward_of, make_provider
+    from copd_megatron.rewards.synthetic import generate
+    from copd_megatron.rollout.megatron_engine import MegatronEngine
+    from copd_megatron.rollout.types import GenerationRequest, SamplingParams
+
+    cfg = load_config(CFG, _overrides(Path(base), Path(base) / "unused"))
+    init_model_parallel(validate(cfg, 1))
+    set_seed(3)
+    provider = make_provider(cfg.model, cfg.parallel, cfg.precision)
+    (chunk,) = provider.build_chunks(shared_groups())
+    tok = load_tokenizer(Path(base) / "tokenizer.model")
+    samples = resolve_samples(generate("shape_count", 3, 2, seed=5), cfg.model.vision, "shape_count")
+    samples += generate("count", 2, 2, seed=5)
+    inputs = [prompt_inputs(tok, s) for s in samples]
+    requests = [GenerationRequest(list(ids), seed=k, media=m) for k, (ids, m) in enumerate(inputs)]
+    params = SamplingParams(max_new_tokens=6, temperature=1.0)
+    out = {}
+    for cache in (True, False):
+        engine = MegatronEngine(chunk, cfg.model.vocab_size, pad_id=tok.pad_id, use_kv_cache=cache, provider=provider,
+                                groups=shared_groups())  # fmt: skip
+        out[cache] = engine.generate(requests, params)
+    r = out[True]
+    batch = Batch(r.tokens).set("media", list(r.media), RAGGED)
+    (mb,) = batch.micro_batches(len(requests), trim=False)
+    with torch.no_grad():
+        logits = forward_of(provider)(chunk, mb)[: len(requests), : r.tokens.shape[1] - 1, : cfg.model.vocab_size].float()
+    logits[..., list(provider.never_sample)] = float("-inf")  # what the sampler drew from
+    trainer = torch.log_softmax(logits, -1).gather(-1, r.tokens[:, 1:, None])[..., 0]
+    return {"tokens": (out[True].tokens, out[False].tokens), "logprobs": (out[True].logprobs, out[False].logprobs),
+            "trainer": trainer, "mask": r.response_mask[:, 1:].bool(), "lens": [len(i) for i, _ in inputs],
+            "media": [bool(m) for _, m in inputs]}  # fmt: skip
+
+
+def test_qwen3_vl_engine_kv_cache_equals_recomputation_and_the_trainer(qwen_base):
+    r = run_distributed(_engine_vs_trainer, 1, args=(str(qwen_base),), timeout=300)[0]
+    assert r["media"] == [True, True, True, False, False] and len(set(r["lens"])) > 1
+    torch.testing.assert_close(r["tokens"][0], r["tokens"][1], rtol=0, atol=0)
+    torch.testing.assert_close(r["logprobs"][0], r["logprobs"][1], rtol=0, atol=1e-5)
+    m = r["mask"]
+    torch.testing.assert_close(r["trainer"][m], r["logprobs"][0][:, 1:][m], rtol=0, atol=1e-5)
+
+
 COMPARED = ("/loss", "/native/reward", "/grad_norm", "/opd_logratio", "/teacher_version", "/overlap", "/entropy")
 
 
@@ -141,3 +192,22 @@ def test_qwen3_vl_disjoint_placement_equals_colocated(qwen_base, tmp_path):
     for x, y in zip(a, b):
         for k in (k for k in x if k.endswith(COMPARED)):
             assert y[k] == pytest.approx(x[k], rel=1e-5, abs=1e-6), (x["step"], k)
+
+
+@pytest.mark.slow  # its own base (about a minute) and run
+def test_qwen2_5_vl_text_and_video_branch_end_to_end(tmp_path):
+    """Qwen2.5-VL (window attention, chunked mRoPE with temporal ids per second) with a video branch:
+    the engine and the trainer agree on video rollouts, and OPD trains the video branch on the text
+    branch's rollouts."""
+    base = tmp_path / "base"
+    cmd = [sys.executable, "tools/make_base.py", "--out", str(base), "--vision", "qwen2.5-vl-tiny", "--families",
+           "count", "video_motion", "--steps", "60", "--batch", "24", "--eval-prompts", "4"]  # fmt: skip
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    video = ["model.arch=qwen2_5_vl", "model.vision.preset=qwen2.5-vl-tiny", "branches.1.name=video",
+             "branches.1.data=synthetic:video_motion", "branches.1.verifier=synthetic_video_motion"]  # fmt: skip
+    assert _launch(base, tmp_path / "run", 1, *video) == 0, (tmp_path / "run.log").read_text()[-3000:]
+    rows = metrics(tmp_path / "run")
+    assert len(rows) == 3 and all(r["branch/video/rollout_logp_abs_diff"] < 0.02 for r in rows)
+    assert rows[-1]["branch/video/cross/text/rows"] > 0 and rows[-1]["branch/video/grad_norm"] > 0
+    assert (tmp_path / "run" / "merged" / "metadata.json").is_file()
