@@ -66,7 +66,8 @@ def train_main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         return report_error(PROG, e, env.rank)
     try:
-        _check_media(cfg)
+        if not args.check_layout:  # --check-layout plans a launch elsewhere: no file is looked at
+            _check_media(cfg)
     except (ConfigError, ValueError) as e:  # DataError / MediaError: FILE:LINE: what is wrong
         return report_error(PROG, e, env.rank)
     if args.check or args.check_layout:
@@ -97,6 +98,7 @@ def _check_media(cfg) -> None:
 
 
 def _print_check(config: str, cfg, layout, world_size: int, lines: list[str]) -> None:
+    from copd_megatron.config.memory import memory_lines
     from copd_megatron.config.summary import count_parameters, describe_model, human_count
     from copd_megatron.copd.recipes import branch_names
 
@@ -107,6 +109,8 @@ def _print_check(config: str, cfg, layout, world_size: int, lines: list[str]) ->
     print(f"model: {describe_model(cfg.model)} per branch, {n} branch{'es' * (n > 1)} "
           f"({cfg.schedule.mode}); about {human_count(int(per_rank))} per rank and branch at tp*pp={layout.tp * layout.pp}")
     for line in lines:
+        print(line)
+    for line in memory_lines(cfg, layout):
         print(line)
 
 

@@ -5,11 +5,14 @@ SFT-trained briefly on synthetic task families, so it solves some but not all pr
     .venv/bin/python tools/make_base.py --out runs/base --families arithmetic reverse --steps 300
     # a vision-language base (LLaVA-style: tiny CLIP ViT + projector + the same language model)
     .venv/bin/python tools/make_base.py --out runs/vlm_base --vision tiny --families count shape_count video_motion
+    # a tiny Qwen3-VL base (Qwen ViT with DeepStack taps + a language model with mRoPE)
+    .venv/bin/python tools/make_base.py --out runs/qwen_vl_base --vision qwen3-vl-tiny --families count shape_count
 
 Writes ``<out>/tokenizer.model``, ``<out>/checkpoint`` (torch_dist, loadable at any TP/PP) and
 ``<out>/base.json`` with the held-out pass@1 per family. With ``--vision PRESET`` the tokenizer
 reserves ``<image>`` and ``<video>`` (their ids become ``model.vision.image_token_id`` /
-``video_token_id``), the model gets a vision tower, and visual families (``shape_count``,
+``video_token_id``; a Qwen-VL preset, ``qwen3-vl-tiny`` or ``qwen2.5-vl-tiny``, also reserves
+``<|vision_start|>`` and ``<|vision_end|>``), the model gets a vision tower, and visual families (``shape_count``,
 ``video_motion``, ...) may be mixed with text ones. ``<out>`` is built in a hidden sibling and
 renamed into place at the end; a non-empty ``<out>`` is replaced only with ``--force``. RLVR needs prompts the base sometimes
 solves (the paper filters out pass rates of 0% and 100%); the defaults aim at 10-70% per family.
@@ -26,6 +29,7 @@ from pathlib import Path
 import torch
 
 from copd_megatron.config import ConfigError, config_from_dict, validate
+from copd_megatron.config.vision import PRESET_ARCH, QWEN_VL_ARCHS
 from copd_megatron.data.tokenizer import load_tokenizer, train_sentencepiece
 from copd_megatron.rewards.registry import get_verifier
 from copd_megatron.rewards.synthetic import generate, get_family, sft_text
@@ -49,7 +53,8 @@ def _parser() -> OneLineParser:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--eval-prompts", type=int, default=64)
     p.add_argument("--model", nargs="*", default=[], help="model.* overrides, e.g. model.num_layers=4")
-    p.add_argument("--vision", default=None, help="vision preset (e.g. tiny): make a vision-language base")
+    p.add_argument("--vision", default=None,
+                   help="vision preset (tiny, qwen3-vl-tiny, qwen2.5-vl-tiny): make a vision-language base")
     return p
 
 
@@ -71,14 +76,26 @@ def build_tokenizer(out: Path, difficulty: dict[str, int], vocab_size: int, seed
     return load_tokenizer(model)
 
 
+QWEN_SYMBOLS = ("<|vision_start|>", "<|vision_end|>")
+
+
+def _symbols(vision: str | None) -> tuple[str, ...]:
+    """Tokenizer symbols a vision base reserves (one id each): the prompt markers, and Qwen's block delimiters."""
+    if not vision:
+        return ()
+    return ("<image>", "<video>") + (QWEN_SYMBOLS if PRESET_ARCH.get(vision) in QWEN_VL_ARCHS else ())
+
+
 def _model_section(args, tok) -> dict:
     model = {"preset": "tiny", "vocab_size": tok.vocab_size, "seq_length": 64}
     if args.vision:
-        ids = [tok.encode(marker) for marker in ("<image>", "<video>")]  # user-defined symbols: one id each
-        model["seq_length"] = 160  # a 6-frame video is 96 placeholders at the tiny preset
-        model["arch"] = "llava"
-        model["vision"] = {"preset": args.vision, "image_token_id": ids[0][0], "video_token_id": ids[1][0],
+        ids = [tok.encode(marker)[0] for marker in _symbols(args.vision)]  # user-defined symbols: one id each
+        model["seq_length"] = 160  # a 6-frame video is 96 placeholders at the tiny llava preset (Qwen: ~80)
+        model["arch"] = PRESET_ARCH.get(args.vision, "llava")
+        model["vision"] = {"preset": args.vision, "image_token_id": ids[0], "video_token_id": ids[1],
                            "video_fps": 1.0, "max_frames": 8}  # fmt: skip
+        if model["arch"] in QWEN_VL_ARCHS:  # the tiny LM's head dim is 16: 8 rotary frequencies over (t, h, w)
+            model["vision"].update(vision_start_token_id=ids[2], vision_end_token_id=ids[3], mrope_section=[4, 2, 2])
     return model
 
 
@@ -119,7 +136,7 @@ def make_base(args, out: Path | None = None) -> dict:
     final, out = Path(args.out), Path(out or args.out)
     out.mkdir(parents=True, exist_ok=True)
     difficulty = levels(args.families, args.difficulty)
-    tok = build_tokenizer(out, difficulty, args.vocab_size, args.seed, ("<image>", "<video>") if args.vision else ())
+    tok = build_tokenizer(out, difficulty, args.vocab_size, args.seed, _symbols(args.vision))
     cfg = config_from_dict({
         "seed": args.seed, "schedule": {"mode": "smoke"}, "precision": {"params_dtype": "fp32"},
         "model": _model_section(args, tok),

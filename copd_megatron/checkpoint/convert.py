@@ -20,8 +20,11 @@ Memory (B = the weights' size in the checkpoint's dtype):
 
 Files written next to the torch_dist shards on import: ``copd_meta.yaml`` (architecture and
 dtype, read by every tool), ``model.yaml`` (a config fragment: the ``model:`` section and
-``checkpoint.base``) and ``hf_config.json`` (the source config.json, reused as the template
-when that directory is exported, so token ids and other non-architectural fields survive).
+``checkpoint.base``), ``hf_config.json`` (the source config.json, reused as the template
+when that directory is exported, so token ids and other non-architectural fields survive)
+and copies of the source's :data:`TOKENIZER_FILES` (tokenizer, chat template, processor
+settings), which an export of that directory carries along when no ``--tokenizer-dir`` is
+given.
 """
 
 from __future__ import annotations
@@ -40,22 +43,28 @@ import torch
 import yaml
 
 from copd_megatron.checkpoint.hf import (
-    hf_config_from_model,
     checkpoint_names,
+    hf_config_from_model,
+    hf_embedding_name,
     hf_shapes,
     hf_to_mcore_iter,
+    mcore_embedding_name,
     mcore_shapes,
     mcore_to_hf_iter,
     model_fields_from_hf,
 )
 from copd_megatron.config.schema import ConfigError, ModelConfig
+from copd_megatron.config.vision import QWEN_VL_ARCHS
 
 logger = logging.getLogger(__name__)
 
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json", "added_tokens.json",
     "vocab.json", "merges.txt", "generation_config.json", "chat_template.jinja", "chat_template.json",
+    "preprocessor_config.json", "video_preprocessor_config.json", "processor_config.json",
 )  # fmt: skip
+"""Small files that travel with the weights: tokenizer, chat template, generation defaults and
+the image / video processor settings of vision-language models."""
 HF_CONFIG_COPY = "hf_config.json"
 MODEL_FRAGMENT = "model.yaml"
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # transformers' "5GB"
@@ -225,45 +234,52 @@ def load_model_config_yaml(path: Path) -> ModelConfig:
 
 def _check_hf_names(reader: HFCheckpointReader, m: ModelConfig) -> None:
     """Refuse tensors the config does not explain (a silently dropped weight is a wrong model)."""
-    extra = sorted(n for n in reader.names() - set(hf_shapes(m)) if not n.endswith("rotary_emb.inv_freq"))
+    names = reader.names()
+    extra = sorted(n for n in names - set(hf_shapes(m, names)) if not n.endswith("rotary_emb.inv_freq"))
     if m.tie_embeddings and "lm_head.weight" in extra:
         # Some tied checkpoints store the shared matrix twice; accept it only if it is the same.
-        if not torch.equal(reader.get("lm_head.weight"), reader.get("model.embed_tokens.weight")):
+        if not torch.equal(reader.get("lm_head.weight"), reader.get(hf_embedding_name(m, names))):
             raise ConfigError(f"{reader.dir}: tie_word_embeddings=true but lm_head.weight differs from embed_tokens")
         extra.remove("lm_head.weight")
     if extra:
         raise ConfigError(f"{reader.dir}: {len(extra)} tensors the config does not explain, e.g. {extra[0]}")
 
 
-def _import_dtype(requested: str, hf_cfg: dict, reader: HFCheckpointReader) -> str:
+def _import_dtype(requested: str, hf_cfg: dict, reader: HFCheckpointReader, m: ModelConfig) -> str:
     if requested != "auto":
         return requested
     named = hf_cfg.get("torch_dtype") or hf_cfg.get("dtype")
     if named in _HF_DTYPES:
         return _HF_DTYPES[named]
-    return _NAMES.get(reader.get("model.embed_tokens.weight").dtype, "fp32")
+    return _NAMES.get(reader.get(hf_embedding_name(m, reader.names())).dtype, "fp32")
 
 
 def import_hf(
     hf_dir: Path, out: Path, *, params_dtype: str = "auto", make_vocab_size_divisible_by: int = 128,
     final_dir: Path | None = None,
 ) -> ModelConfig:
-    """Convert an HF Llama-3 / Qwen2 / Qwen3 directory to a torch_dist checkpoint in ``out``
-    (``final_dir``: where ``out`` will be renamed to, named in ``model.yaml``; default ``out``)."""
+    """Convert an HF Llama-3 / Qwen2 / Qwen3 / Qwen3-VL / Qwen2.5-VL directory to a torch_dist
+    checkpoint in ``out`` (with the tokenizer and processor files, see the module docstring;
+    ``final_dir``: where ``out`` will be renamed to, named in ``model.yaml``; default ``out``)."""
     from copd_megatron.checkpoint.dist_ckpt import save_model
 
     hf_cfg = read_hf_config(hf_dir)
     fields = model_fields_from_hf(hf_cfg, str(hf_dir / "config.json"), make_vocab_size_divisible_by)
+    if fields.get("vision") is not None and (hf_dir / "preprocessor_config.json").is_file():
+        from copd_megatron.checkpoint.hf_vl import processor_fields
+
+        pre = hf_dir / "preprocessor_config.json"
+        fields["vision"].update(processor_fields(json.loads(pre.read_text()), str(pre)))
     m = _model_config(fields, str(hf_dir / "config.json"))
     reader = HFCheckpointReader(hf_dir)
     _check_hf_names(reader, m)
-    dtype = _import_dtype(params_dtype, hf_cfg, reader)
+    dtype = _import_dtype(params_dtype, hf_cfg, reader, m)
     with single_process_world():
         chunk = build_full_model(m, dtype)
         params = dict(chunk.named_parameters())
         filled: set[str] = set()
         with torch.no_grad():
-            for name, t in hf_to_mcore_iter(reader.get, m):
+            for name, t in hf_to_mcore_iter(reader.get, m, reader.names()):
                 if name not in params or params[name].shape != t.shape:
                     got = tuple(params[name].shape) if name in params else "absent"
                     raise ConfigError(f"{hf_dir}: {name} maps to shape {tuple(t.shape)}, the model has {got}")
@@ -274,6 +290,7 @@ def import_hf(
         out.mkdir(parents=True, exist_ok=True)
         save_model([chunk], out, m, dtype)
     (out / HF_CONFIG_COPY).write_text(json.dumps(hf_cfg, indent=2))
+    copy_tokenizer_files(hf_dir, out)
     fragment = {"model": dataclasses.asdict(m), "checkpoint": {"base": str(final_dir or out)}}
     header = f"# copd-convert hf-to-mcore --hf-dir {hf_dir}: paste into a run config (or merge the sections)\n"
     (out / MODEL_FRAGMENT).write_text(header + yaml.safe_dump(fragment, sort_keys=False))
@@ -303,7 +320,7 @@ def _export_dtype(requested: str, template: dict | None, saved: torch.dtype) -> 
     return DTYPES[_HF_DTYPES[named]] if named in _HF_DTYPES else saved
 
 
-_LAYER = re.compile(r"decoder\.layers\.(\d+)\.(.+)$")
+_LAYER = re.compile(r"^(.*?decoder\.layers\.)(\d+)\.(.+)$")  # (block prefix, layer, name in the layer)
 
 
 class TorchDistReader:
@@ -326,6 +343,10 @@ class TorchDistReader:
 
         self.metadata = verify_files(ckpt_dir)
         self.dir, self.layers = ckpt_dir, m.num_layers
+        # Layers per block: a Qwen-VL checkpoint stacks its ViT and language layers separately.
+        self.depths = {"language_model.decoder.layers.": m.num_layers}
+        if m.arch in QWEN_VL_ARCHS:
+            self.depths["vision_model.decoder.layers."] = m.vision.num_layers
         saved = {k: v for k, v in self.metadata.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)}
         self.where: dict[str, tuple[str, int | None, tuple[int, ...], torch.dtype]] = {}
         self.groups: dict[str, list[str]] = {}  # read together: one decoder layer, or one tensor
@@ -349,8 +370,9 @@ class TorchDistReader:
         for key in checkpoint_names(name):
             candidates.append((key, None, shape))  # per-layer key, or a tensor outside the decoder layers
             layer = _LAYER.match(key)
-            if layer:  # the stacked form: one tensor [L, ...] for all layers
-                candidates.append((f"decoder.layers.{layer[2]}", int(layer[1]), (self.layers, *shape)))
+            if layer:  # the stacked form: one tensor [L, ...] for all layers of that block
+                depth = self.depths.get(layer[1], self.layers)
+                candidates.append((f"{layer[1]}{layer[3]}", int(layer[2]), (depth, *shape)))
         for key, index, want in candidates:
             if key in saved:
                 got = tuple(saved[key].size)
@@ -364,7 +386,7 @@ class TorchDistReader:
     @staticmethod
     def _group_of(name: str) -> str:
         layer = _LAYER.match(name)
-        return f"layer {layer[1]}" if layer else name
+        return f"{layer[1]}{layer[2]}" if layer else name
 
     def get(self, name: str) -> torch.Tensor:
         if name not in self.where:
@@ -408,7 +430,7 @@ def export_hf(
     if tokenizer_dir is not None and not tokenizer_dir.is_dir():
         raise ConfigError(f"--tokenizer-dir: {tokenizer_dir} is not a directory")
     reader = TorchDistReader(mcore_dir, m)  # checks every tensor before anything is read or written
-    saved = reader.where["embedding.word_embeddings.weight"][3]
+    saved = reader.where[mcore_embedding_name(m)][3]
     out.mkdir(parents=True, exist_ok=True)
     writer = ShardedSafetensorsWriter(out, max_shard_bytes, _export_dtype(dtype, template, saved))
     for name, t in mcore_to_hf_iter(reader.get, m):  # one layer resident at a time
@@ -422,6 +444,8 @@ def export_hf(
         copied = copy_tokenizer_files(tokenizer_dir, out)
         if not copied:
             logger.warning("%s: no tokenizer files found (%s)", tokenizer_dir, ", ".join(TOKENIZER_FILES))
+    else:  # the files an import carried along (a converted base exported back)
+        copy_tokenizer_files(mcore_dir, out)
     return files
 
 

@@ -1,4 +1,5 @@
-"""``copd-convert``: Hugging Face ⇄ Megatron torch_dist checkpoints (Llama-3, Qwen2/2.5, Qwen3).
+"""``copd-convert``: Hugging Face ⇄ Megatron torch_dist checkpoints (Llama-3, Qwen2/2.5, Qwen3,
+Qwen3-VL, Qwen2.5-VL).
 
     copd-convert hf-to-mcore --hf-dir ./Qwen3-8B --out ckpt/qwen3-8b
         # → torch_dist shards + copd_meta.yaml + model.yaml (config fragment); loads at any TP/PP
@@ -55,13 +56,16 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--mcore-dir", type=Path, required=True, help="torch_dist checkpoint directory")
     b.add_argument("--model-config", type=Path,
                    help="YAML with the model section, for checkpoints without copd_meta.yaml")  # fmt: skip
-    b.add_argument("--arch", choices=["LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"],
-                   help="HF architecture (default: Qwen3 if qk_layernorm, Qwen2 if add_qkv_bias, else Llama)",
-                   )  # fmt: skip
+    b.add_argument("--arch", choices=["LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+                                      "Qwen3VLForConditionalGeneration", "Qwen2_5_VLForConditionalGeneration"],
+                   help="HF architecture (default: the vision family's if model.vision is set, else Qwen3 if "
+                   "qk_layernorm, Qwen2 if add_qkv_bias, else Llama)")  # fmt: skip
     b.add_argument("--hf-config", type=Path,
                    help="config.json to take non-architectural fields from (default: <mcore-dir>/hf_config.json, "
                    "else <tokenizer-dir>/config.json)")  # fmt: skip
-    b.add_argument("--tokenizer-dir", type=Path, help="copy tokenizer / generation_config files from here")
+    b.add_argument("--tokenizer-dir", type=Path,
+                   help="copy tokenizer / chat template / generation / processor files from here "
+                   "(default: the ones an import left in --mcore-dir)")  # fmt: skip
     b.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default 5GB)")
     for s in (a, b):
         s.add_argument("--out", type=Path, required=True, help="output directory (new or empty)")
@@ -87,13 +91,13 @@ def _check_dirs(args: argparse.Namespace) -> None:
 def _backend(args: argparse.Namespace) -> str:
     """builtin or bridge; ``auto`` picks bridge only for what the builtin mappings cannot read."""
     from copd_megatron.checkpoint.convert import bridge_available, read_hf_config
-    from copd_megatron.checkpoint.hf import ARCHITECTURES
+    from copd_megatron.checkpoint.hf import all_architectures
 
     if args.backend != "auto":
         return args.backend
     if args.cmd == "hf-to-mcore":
         arch = (read_hf_config(args.hf_dir).get("architectures") or [None])[0]
-        return "bridge" if arch not in ARCHITECTURES and bridge_available() else "builtin"
+        return "bridge" if arch not in all_architectures() and bridge_available() else "builtin"
     ours = (args.mcore_dir / "copd_meta.yaml").is_file() or args.model_config is not None
     return "bridge" if not ours and bridge_available() else "builtin"
 

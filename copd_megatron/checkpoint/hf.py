@@ -1,4 +1,6 @@
 """Hugging Face ⇄ Megatron-Core mapping for dense Llama-3, Qwen2/2.5 and Qwen3: pure functions.
+(Qwen3-VL / Qwen2.5-VL: ``checkpoint/hf_vl.py``, reached through the same functions when the
+model config has a ``vision`` section.)
 
 Nothing here touches a process group or a file. The functions translate *full* tensors, i.e.
 a Megatron state dict at TP=1/PP=1, to and from HF tensors; sharding to any TP/PP layout is
@@ -61,6 +63,8 @@ LLAMA3_ROPE_FIXED = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_
 TE_TO_LOCAL = {
     "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
     "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
+    "self_attention.linear_qkv.layer_norm_bias": "input_layernorm.bias",  # LayerNorm ViT (Qwen3-VL)
+    "mlp.linear_fc1.layer_norm_bias": "pre_mlp_layernorm.bias",
 }
 
 # Per-layer tensors that map one to one: (HF suffix, Megatron suffix).
@@ -109,19 +113,30 @@ def _check_supported(hf: dict, src: str) -> None:
         raise ConfigError(f"{src}: rope_theta={theta} must be an integer (Megatron's rotary_base is an int)")
 
 
+def all_architectures() -> dict[str, str]:
+    from copd_megatron.checkpoint.hf_vl import ARCHITECTURES as VL
+
+    return {**ARCHITECTURES, **VL}
+
+
 def architecture_of(hf: dict, src: str = "config.json") -> str:
     """The HF architecture name of a config.json, refused unless it is one of ours."""
+    known = all_architectures()
     arch = (hf.get("architectures") or [None])[0]
     if arch is None:  # some configs only carry model_type
-        arch = {v: k for k, v in ARCHITECTURES.items()}.get(hf.get("model_type"), hf.get("model_type"))
-    if arch not in ARCHITECTURES:
-        raise ConfigError(f"{src}: architectures[0]={arch!r} is not supported; expected one of {list(ARCHITECTURES)}")
+        arch = {v: k for k, v in known.items()}.get(hf.get("model_type"), hf.get("model_type"))
+    if arch not in known:
+        raise ConfigError(f"{src}: architectures[0]={arch!r} is not supported; expected one of {list(known)}")
     return arch
 
 
 def model_fields_from_hf(hf: dict, src: str = "config.json", make_vocab_size_divisible_by: int = 128) -> dict:
     """``ModelConfig`` fields (the ``model:`` section) from an HF config.json dict."""
     arch = architecture_of(hf, src)
+    if arch not in ARCHITECTURES:
+        from copd_megatron.checkpoint import hf_vl
+
+        return hf_vl.model_fields({**hf, "architectures": [arch]}, src, make_vocab_size_divisible_by)
     _check_supported(hf, src)
     theta, rope = _rope(hf)
     heads, hidden = hf["num_attention_heads"], hf["hidden_size"]
@@ -141,8 +156,21 @@ def model_fields_from_hf(hf: dict, src: str = "config.json", make_vocab_size_div
     )  # fmt: skip
 
 
+def _vl(m: ModelConfig) -> bool:
+    """A Qwen-VL model (mapped by ``hf_vl``); a LLaVA model has no HF mapping here (one-line refusal)."""
+    if m.arch == "llava":
+        raise ConfigError("model.arch 'llava' has no Hugging Face conversion here; copd-convert handles gpt, "
+                          "qwen3_vl and qwen2_5_vl models")  # fmt: skip
+    return m.vision is not None
+
+
 def infer_architecture(m: ModelConfig) -> str:
-    """The HF family a ModelConfig corresponds to: QK-norm → Qwen3, QKV bias → Qwen2, else Llama."""
+    """The HF family a ModelConfig corresponds to: its vision family, else QK-norm → Qwen3,
+    QKV bias → Qwen2, else Llama."""
+    if _vl(m):
+        from copd_megatron.checkpoint.hf_vl import FAMILY_ARCH
+
+        return FAMILY_ARCH[m.arch]
     return "Qwen3ForCausalLM" if m.qk_layernorm else "Qwen2ForCausalLM" if m.add_qkv_bias else "LlamaForCausalLM"
 
 
@@ -167,6 +195,10 @@ def hf_config_from_model(m: ModelConfig, arch: str | None = None, template: dict
     """An HF config.json dict for ``m``. ``template`` (e.g. the base model's config.json) keeps
     the fields we do not model (token ids, dtype, chat settings) and its rope key style; its
     shape must match ``m`` (a mismatch means the wrong template, so it is an error)."""
+    if _vl(m):
+        from copd_megatron.checkpoint import hf_vl
+
+        return hf_vl.hf_config(m, arch, template)
     arch = arch or infer_architecture(m)
     if arch not in ARCHITECTURES:
         raise ConfigError(f"--arch: {arch!r} is not supported; expected one of {list(ARCHITECTURES)}")
@@ -237,8 +269,13 @@ def pad_vocab(t: torch.Tensor, d: Dims) -> torch.Tensor:
     return torch.cat([t, t.new_zeros(extra, *t.shape[1:])]) if extra > 0 else t
 
 
-def hf_shapes(m: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every HF tensor a model with config ``m`` has, with its shape (in file order)."""
+def hf_shapes(m: ModelConfig, hf_names: set[str] | None = None) -> dict[str, tuple[int, ...]]:
+    """Every HF tensor a model with config ``m`` has, with its shape (in file order).
+    ``hf_names``: a checkpoint's tensor names, to pick the naming a Qwen-VL file uses."""
+    if _vl(m):
+        from copd_megatron.checkpoint import hf_vl
+
+        return hf_vl.hf_shapes(m, hf_vl.naming_of(m, hf_names))
     d, h, f = dims(m), m.hidden_size, m.ffn_hidden_size
     q, kv = d.heads * d.head_dim, d.groups * d.head_dim
     out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (d.vocab, h)}
@@ -272,8 +309,13 @@ def _checked(get: Getter, shapes: Mapping[str, tuple[int, ...]], what: str) -> G
     return checked
 
 
-def hf_to_mcore_iter(get: Getter, m: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+def hf_to_mcore_iter(get: Getter, m: ModelConfig, hf_names: set[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield full Megatron (local-spec) tensors, one at a time, reading HF tensors via ``get``."""
+    if _vl(m):
+        from copd_megatron.checkpoint import hf_vl
+
+        yield from hf_vl.hf_to_mcore_iter(get, m, hf_vl.naming_of(m, hf_names))
+        return
     d, get = dims(m), _checked(get, hf_shapes(m), "HF checkpoint")
     yield "embedding.word_embeddings.weight", pad_vocab(get("model.embed_tokens.weight"), d)
     for i in range(m.num_layers):
@@ -298,6 +340,11 @@ def _trim_vocab(t: torch.Tensor, d: Dims, name: str) -> torch.Tensor:
 
 def mcore_to_hf_iter(get: Getter, m: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield HF tensors, one at a time, reading full Megatron tensors (local or TE names) via ``get``."""
+    if _vl(m):
+        from copd_megatron.checkpoint import hf_vl
+
+        yield from hf_vl.mcore_to_hf_iter(get, m)
+        return
     d = dims(m)
     emb = "embedding.word_embeddings.weight"
     yield "model.embed_tokens.weight", _trim_vocab(get(emb), d, emb)
@@ -338,6 +385,10 @@ def checkpoint_names(name: str) -> tuple[str, ...]:
 
 def mcore_shapes(m: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every full (TP=1/PP=1) Megatron parameter of ``m``, local-spec names, with its shape."""
+    if _vl(m):
+        from copd_megatron.checkpoint import hf_vl
+
+        return hf_vl.mcore_shapes(m)
     d, h, f = dims(m), m.hidden_size, m.ffn_hidden_size
     qkv, q = (d.heads + 2 * d.groups) * d.head_dim, d.heads * d.head_dim
     out: dict[str, tuple[int, ...]] = {"embedding.word_embeddings.weight": (d.padded_vocab, h)}
@@ -357,6 +408,19 @@ def mcore_shapes(m: ModelConfig) -> dict[str, tuple[int, ...]]:
     return out
 
 
+def hf_embedding_name(m: ModelConfig, hf_names: set[str] | None = None) -> str:
+    """The HF name of the input embedding (its dtype is the checkpoint's; tied models share it)."""
+    if _vl(m):
+        from copd_megatron.checkpoint import hf_vl
+
+        return hf_vl.hf_embedding_name(m, hf_vl.naming_of(m, hf_names))
+    return "model.embed_tokens.weight"
+
+
+def mcore_embedding_name(m: ModelConfig) -> str:
+    return "language_model.embedding.word_embeddings.weight" if _vl(m) else "embedding.word_embeddings.weight"
+
+
 def _dict_getter(state: Mapping[str, torch.Tensor], what: str) -> Getter:
     def get(name: str) -> torch.Tensor:
         if name not in state:
@@ -368,7 +432,7 @@ def _dict_getter(state: Mapping[str, torch.Tensor], what: str) -> Getter:
 
 def hf_to_mcore(hf: Mapping[str, torch.Tensor], m: ModelConfig) -> dict[str, torch.Tensor]:
     """Full Megatron state dict (local spec, TP=1/PP=1) from a whole HF state dict."""
-    return dict(hf_to_mcore_iter(_dict_getter(hf, "HF checkpoint"), m))
+    return dict(hf_to_mcore_iter(_dict_getter(hf, "HF checkpoint"), m, set(hf)))
 
 
 def mcore_to_hf(mc: Mapping[str, torch.Tensor], m: ModelConfig) -> dict[str, torch.Tensor]:

@@ -100,17 +100,20 @@ def resolve_layout(parallel: ParallelConfig, model: ModelConfig, world_size: int
 
 
 def _check_vision(parallel: ParallelConfig, model: ModelConfig) -> None:
-    """TP shards the ViT's heads and MLP and the projector's MLP like the language model's.
+    """TP shards the ViT's heads and MLP and the projector (llava) or the patch mergers (Qwen-VL)
+    like the language model's. Qwen3-VL's DeepStack taps feed the first language layers, which
+    must sit on the first pipeline chunk next to the tower.
 
     Megatron-Core's LLaVAModel needs Transformer Engine's attention for sequence and context
-    parallelism, and our VLM forward does not shard the merged embeddings over the sequence:
-    both are refused rather than silently run unsharded."""
+    parallelism, and neither VLM forward shards the merged embeddings over the sequence: both
+    are refused rather than silently run unsharded, as are virtual pipeline stages (the Megatron
+    rollout engine runs one chunk)."""
     v, tp = model.vision, parallel.tp
-    sizes = {
-        "model.vision.num_attention_heads": v.num_attention_heads,
-        "model.vision.ffn_hidden_size": v.ffn_hidden_size,
-        "model.vision.projector_ffn_hidden_size": v.projector_ffn_hidden_size or model.hidden_size,
-    }
+    sizes = {"model.vision.num_attention_heads": v.num_attention_heads, "model.vision.ffn_hidden_size": v.ffn_hidden_size}
+    if model.arch == "llava":
+        sizes["model.vision.projector_ffn_hidden_size"] = v.projector_ffn_hidden_size or model.hidden_size
+    else:  # the merger MLP is hidden_size·m² wide
+        sizes["model.vision.hidden_size * spatial_merge_size**2 (the merger width)"] = v.hidden_size * v.spatial_merge_size**2
     for key, size in sizes.items():
         if size % tp:
             raise ConfigError(f"parallel.tp: {tp} does not divide {key}={size}; allowed tp values: {_divisors(size)}")
@@ -120,6 +123,11 @@ def _check_vision(parallel: ParallelConfig, model: ModelConfig) -> None:
                           "set parallel.sequence_parallel=false and parallel.cp=1")  # fmt: skip
     if parallel.vpp is not None:
         raise ConfigError("parallel.vpp: virtual pipeline stages are not supported with model.vision yet; set null")
+    taps = len(v.deepstack_layers or [])
+    first_chunk = model.num_layers // parallel.pp
+    if taps > first_chunk:
+        raise ConfigError(f"parallel.pp: the first pipeline stage holds {first_chunk} language layers but "
+                          f"model.vision.deepstack_layers feeds the first {taps}; use a smaller pp")  # fmt: skip
 
 
 def _divisors(n: int) -> list[int]:

@@ -46,8 +46,8 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         if value is None and type(None) in args:
             return None
         others = [a for a in args if a is not type(None)]
-        if len(others) == 1 and dataclasses.is_dataclass(others[0]):
-            return _convert(value, others[0], key)  # an optional section: its own errors name the field
+        if len(others) == 1 and (dataclasses.is_dataclass(others[0]) or typing.get_origin(others[0]) is Literal):
+            return _convert(value, others[0], key)  # an optional section / choice: its own error names the field
         errors = []
         for arg in (a for a in args if a is not type(None)):
             try:
@@ -165,7 +165,10 @@ def _apply_preset(tree: dict) -> None:
     name = model["preset"]
     if name not in PRESETS:
         raise ConfigError(f"model.preset: unknown preset {name!r}; expected one of {', '.join(sorted(PRESETS))}")
-    tree["model"] = {**PRESETS[name], **model}
+    merged = {**PRESETS[name], **model}
+    if isinstance(PRESETS[name].get("vision"), dict) and isinstance(model.get("vision"), dict):
+        merged["vision"] = {**PRESETS[name]["vision"], **model["vision"]}  # model.vision.depth=4 keeps the rest
+    tree["model"] = merged
 
 
 def _apply_vision_preset(tree: dict) -> None:

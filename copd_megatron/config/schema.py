@@ -11,107 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
+from copd_megatron.config.errors import require as _require
+from copd_megatron.config.vision import QWEN_VL_ARCHS, VISION_ARCHS, VisionConfig
 from copd_megatron.utils.errors import ConfigError  # noqa: F401 (re-exported: the config error type)
-
-
-def _require(cond: bool, key: str, msg: str) -> None:
-    if not cond:
-        raise ConfigError(f"{key}: {msg}")
-
-
-@dataclass
-class VisionConfig:
-    """The vision side of a LLaVA-style vision-language model (Megatron-Core's ``LLaVAModel``):
-    a CLIP ViT encodes each image (and each sampled video frame) into one token per patch, a
-    projector maps those to the language model's width, and the embeddings replace the image /
-    video placeholder tokens of the prompt (one placeholder per patch, expanded by the data path).
-    ``preset`` fills every field first; fields given next to it override it."""
-
-    preset: Optional[str] = None
-    """Name of a vision preset (``tiny``: CPU tests and demo; ``clip-vit-l-14-336``: OpenAI CLIP ViT-L/14 at 336 px)."""
-    num_layers: int = 2
-    """ViT transformer layers (the whole tower lives on the first pipeline stage)."""
-    hidden_size: int = 64
-    """ViT width."""
-    ffn_hidden_size: int = 128
-    """ViT MLP inner width; divisible by ``parallel.tp``."""
-    num_attention_heads: int = 4
-    """ViT attention heads; divisible by ``parallel.tp``."""
-    kv_channels: Optional[int] = None
-    """ViT head dimension (null = hidden_size / num_attention_heads)."""
-    image_height: int = 32
-    """Height in pixels every image and video frame is resized to; a multiple of ``patch_size``."""
-    image_width: int = 32
-    """Width in pixels every image and video frame is resized to; a multiple of ``patch_size``."""
-    patch_size: int = 8
-    """Side of a square patch: an image becomes (height/patch)·(width/patch) tokens."""
-    class_token: bool = True
-    """Prepend a learned class token inside the ViT (CLIP); it is dropped before the language model."""
-    norm_epsilon: float = 1e-5
-    """Epsilon of the ViT's LayerNorms."""
-    activation: Literal["gelu", "quick_gelu"] = "gelu"
-    """ViT MLP activation (OpenAI CLIP uses ``quick_gelu``)."""
-    projector: Literal["mlp", "affine"] = "mlp"
-    """Vision-to-language projector: a 2-layer GELU MLP (LLaVA-1.5) or one linear layer."""
-    projector_ffn_hidden_size: Optional[int] = None
-    """Inner width of the ``mlp`` projector (null = the language model's hidden size); divisible by ``parallel.tp``."""
-    freeze_vision: bool = False
-    """Keep the ViT fixed (no gradients, no optimizer state); the projector and language model still train."""
-    freeze_projector: bool = False
-    """Keep the projector fixed as well."""
-    image_token_id: Optional[int] = None
-    """Vocabulary id of an image placeholder (e.g. ``<image>`` in the tiny tokenizer, ``<|image_pad|>`` = 151655
-    in Qwen's); required. The data path writes it once per image patch; it is never sampled."""
-    video_token_id: Optional[int] = None
-    """Vocabulary id of a video-frame placeholder (null = ``image_token_id``); never sampled."""
-    image_mean: list[float] = field(default_factory=lambda: [0.48145466, 0.4578275, 0.40821073])
-    """Per-channel (RGB) mean subtracted after scaling pixels to [0, 1] (CLIP's by default)."""
-    image_std: list[float] = field(default_factory=lambda: [0.26862954, 0.26130258, 0.27577711])
-    """Per-channel (RGB) standard deviation divided out after the mean (CLIP's by default)."""
-    video_fps: Optional[float] = 1.0
-    """Frames per second sampled from a video whose row gives its ``fps`` (null = keep every frame)."""
-    max_frames: int = 8
-    """Most frames one video may contribute after sampling; more is a data error naming the row."""
-    max_images: int = 8
-    """Most images one row may carry; more is a data error naming the row."""
-
-    def __post_init__(self) -> None:
-        for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "image_height",
-                     "image_width", "patch_size", "max_frames", "max_images"):  # fmt: skip
-            _require(getattr(self, name) > 0, f"model.vision.{name}", f"must be > 0, got {getattr(self, name)}")
-        for name in ("image_height", "image_width"):
-            _require(
-                getattr(self, name) % self.patch_size == 0,
-                f"model.vision.{name}",
-                f"{getattr(self, name)} is not a multiple of model.vision.patch_size={self.patch_size}",
-            )
-        _require(
-            self.kv_channels is not None or self.hidden_size % self.num_attention_heads == 0,
-            "model.vision.hidden_size",
-            f"{self.hidden_size} is not divisible by model.vision.num_attention_heads={self.num_attention_heads}; "
-            "set model.vision.kv_channels explicitly",
-        )
-        for name in ("image_mean", "image_std"):
-            _require(len(getattr(self, name)) == 3, f"model.vision.{name}", f"expected 3 values (R, G, B), "
-                     f"got {getattr(self, name)}")  # fmt: skip
-        _require(all(s > 0 for s in self.image_std), "model.vision.image_std", f"must be > 0, got {self.image_std}")
-        _require(self.image_token_id is not None, "model.vision.image_token_id",
-                 "is required: the vocabulary id that marks image patches in the token stream")  # fmt: skip
-        for name in ("image_token_id", "video_token_id"):
-            value = getattr(self, name)
-            _require(value is None or value >= 0, f"model.vision.{name}", f"must be >= 0, got {value}")
-        _require(self.video_fps is None or self.video_fps > 0, "model.vision.video_fps",
-                 f"must be > 0 or null, got {self.video_fps}")  # fmt: skip
-
-    @property
-    def tokens_per_image(self) -> int:
-        """Placeholder tokens of one image or video frame: one per patch."""
-        return (self.image_height // self.patch_size) * (self.image_width // self.patch_size)
-
-    @property
-    def video_id(self) -> int:
-        """The placeholder id of video frames."""
-        return self.image_token_id if self.video_token_id is None else self.video_token_id
 
 
 @dataclass
@@ -121,10 +23,12 @@ class ModelConfig:
 
     preset: Optional[str] = None
     """Name of a shape preset (``tiny``, ``llama3-8b``, ``qwen2.5-7b``, ``qwen3-8b``, ...)."""
-    arch: Literal["gpt", "llava"] = "gpt"
-    """Model architecture, i.e. which model provider builds and runs it (``gpt``: Megatron's GPTModel,
-    the Llama / Qwen text families; ``llava``: Megatron's LLaVAModel, this language model plus the
-    vision tower of ``model.vision``)."""
+    arch: Literal["gpt", "llava", "qwen3_vl", "qwen2_5_vl"] = "gpt"
+    """Model architecture, i.e. which model provider builds and runs it: ``gpt`` (Megatron's GPTModel,
+    the Llama / Qwen text families), ``llava`` (Megatron's LLaVAModel: this language model plus the CLIP
+    ViT and projector of ``model.vision``), ``qwen3_vl`` / ``qwen2_5_vl`` (Qwen3-VL / Qwen2.5-VL: this
+    language model with multimodal RoPE plus the Qwen ViT of ``model.vision``; the ``qwen3-vl-*`` /
+    ``qwen2.5-vl-*`` presets set it)."""
     num_layers: int = 2
     """Transformer layers; must be divisible by ``parallel.pp`` (× ``parallel.vpp``)."""
     hidden_size: int = 64
@@ -176,8 +80,9 @@ class ModelConfig:
     transformer_impl: Literal["auto", "local", "transformer_engine"] = "auto"
     """Layer implementation: ``auto`` = Transformer Engine when importable on CUDA, else local."""
     vision: Optional[VisionConfig] = None
-    """Vision tower and projector of ``arch: llava`` (null = a text-only model). Every branch is then
-    the same vision-language model: a text branch is this model on prompts without images."""
+    """The vision tower of ``arch`` llava / qwen3_vl / qwen2_5_vl (null = a text-only model; see
+    ``config/vision.py``). Every branch is then the same vision-language model: a text branch is this
+    model on prompts without images."""
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "vocab_size", "seq_length"):
@@ -194,14 +99,35 @@ class ModelConfig:
                 "model.num_query_groups",
                 f"{self.num_query_groups} must divide model.num_attention_heads={self.num_attention_heads}",
             )
-        _require((self.arch == "llava") == (self.vision is not None), "model.arch",
-                 f"{self.arch!r} " + ("needs a model.vision section" if self.arch == "llava" else
-                                      "has no vision tower; set model.arch: llava to use model.vision"))  # fmt: skip
+        vision_arch = self.arch in VISION_ARCHS
+        _require(vision_arch == (self.vision is not None), "model.arch",
+                 f"{self.arch!r} " + ("needs a model.vision section" if vision_arch else "has no vision tower; set "
+                                      f"model.arch to one of {', '.join(VISION_ARCHS)} to use model.vision"))  # fmt: skip
         if self.vision is not None:
-            for name in ("image_token_id", "video_token_id"):
-                value = getattr(self.vision, name)
-                _require(value is None or value < self.vocab_size, f"model.vision.{name}",
-                         f"{value} is not a vocabulary id (model.vocab_size={self.vocab_size})")  # fmt: skip
+            self.vision.resolve(self.arch)
+            self._check_vision(self.vision)
+
+    def _check_vision(self, v: VisionConfig) -> None:
+        """What the language model must satisfy to take the tower's tokens (and, for Qwen-VL, mRoPE ids)."""
+        qwen = self.arch in QWEN_VL_ARCHS
+        names = ("image_token_id", "video_token_id") + (("vision_start_token_id", "vision_end_token_id") if qwen else ())
+        for name in names:
+            value = getattr(v, name)
+            _require(value is None or value < self.vocab_size, f"model.vision.{name}",
+                     f"{value} is not a vocabulary id (model.vocab_size={self.vocab_size})")  # fmt: skip
+        if not qwen:
+            return
+        head_dim = self.kv_channels or self.hidden_size // self.num_attention_heads
+        _require(2 * sum(v.mrope_section) == head_dim, "model.vision.mrope_section",
+                 f"{v.mrope_section} sums to {sum(v.mrope_section)}; it must be head_dim / 2 = {head_dim // 2}")
+        taps = len(v.deepstack_layers or [])
+        _require(taps <= self.num_layers, "model.vision.deepstack_layers",
+                 f"{taps} taps feed language layers 0..{taps - 1} but model.num_layers={self.num_layers}")  # fmt: skip
+        for name, want in (("normalization", "RMSNorm"), ("activation", "swiglu"), ("rotary_percent", 1.0),
+                           ("rope_scaling", False), ("num_moe_experts", None)):  # fmt: skip
+            _require(getattr(self, name) == want, f"model.{name}",
+                     f"{getattr(self, name)!r} is not supported with model.arch {self.arch!r} (Qwen-VL language "
+                     f"models use {want!r})")  # fmt: skip
 
 
 @dataclass

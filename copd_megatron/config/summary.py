@@ -41,14 +41,44 @@ def count_parameters(m: ModelConfig) -> int:
     return m.num_layers * (attn + mlp + 2 * norm) + norm + embeddings
 
 
+def vision_parameters(m: ModelConfig) -> int:
+    """Parameters of a Qwen-VL vision tower (0 for a text model or a llava tower), closed-form.
+
+    With ``h_v`` ViT width, ``f`` its MLP, ``P``/``Tp``/``C`` patch sizes, ``w = h_v·m²`` the merger
+    width and ``h`` the language model's width: patch embedding ``h_v·C·Tp·P²`` (Qwen3-VL: + bias
+    ``h_v`` and the position table ``n_pos·h_v``); per layer attention ``4·h_v² + 4·h_v`` (QKV and
+    output with biases), MLP ``2·h_v·f + f + h_v`` (Qwen2.5-VL's gated MLP: ``3·h_v·f + 2f + h_v``),
+    two norms (LayerNorm in Qwen3-VL: ``4·h_v``, RMSNorm: ``2·h_v``); each merger ``w² + w + h·w + h``
+    plus its norm over ``h_v`` (the DeepStack mergers' over ``w``; Qwen3-VL's LayerNorms have
+    biases). ``tests/unit/test_qwen_vl.py`` checks it against the converter's tensor shapes."""
+    from copd_megatron.config.vision import QWEN3_VL, QWEN_VL_ARCHS
+
+    if m.vision is None or m.arch not in QWEN_VL_ARCHS:
+        return 0
+    v, qwen3 = m.vision, m.arch == QWEN3_VL
+    hv, f, w = v.hidden_size, v.ffn_hidden_size, v.hidden_size * v.spatial_merge_size**2
+    norm = 2 if qwen3 else 1  # LayerNorm weight + bias, or RMSNorm weight
+    embed = hv * v.in_channels * v.temporal_patch_size * v.patch_size**2
+    if qwen3:
+        embed += hv + v.num_position_embeddings * hv
+    mlp = 2 * hv * f + f + hv if qwen3 else 3 * hv * f + 2 * f + hv
+    layer = 4 * hv * hv + 4 * hv + mlp + 2 * norm * hv
+    merger = w * w + w + m.hidden_size * w + m.hidden_size
+    mergers = merger + norm * hv + len(v.deepstack_layers or []) * (merger + norm * w)
+    return embed + v.num_layers * layer + mergers
+
+
 def describe_model(m: ModelConfig) -> str:
     """``36 layers, hidden 4096, 32 heads (8 KV groups, head dim 128), FFN 12288, vocab 151936: 8.19B parameters``."""
     d = m.kv_channels or m.hidden_size // m.num_attention_heads
     groups = m.num_query_groups or m.num_attention_heads
     preset = f"preset {m.preset}, " if m.preset else ""
+    vision = vision_parameters(m)
+    tower = (f" + a {m.vision.num_layers}-layer ViT ({human_count(vision)}): {human_count(count_parameters(m) + vision)}"
+             if vision else "")  # fmt: skip
     return (f"{preset}{m.num_layers} layers, hidden {m.hidden_size}, {m.num_attention_heads} heads ({groups} KV groups, "
             f"head dim {d}), FFN {m.ffn_hidden_size}, vocab {m.vocab_size}: {human_count(count_parameters(m))} "
-            "parameters")  # fmt: skip
+            f"parameters{tower}")  # fmt: skip
 
 
 def human_count(n: int) -> str:

@@ -235,7 +235,7 @@ def resolve_row_media(sample: PromptSample, base: Path, vision: VisionConfig) ->
         rate = f" sampled at {vision.video_fps:g} fps from {len(frames)} at {fps:g} fps" if fps and vision.video_fps else ""
         raise MediaError(f"{where}: video has too many frames ({len(keep)}{rate}); model.vision.max_frames is "
                          f"{vision.max_frames}: raise it, lower model.vision.video_fps or shorten the clip")  # fmt: skip
-    sample.extra["video"] = {"frames": [frames[i] for i in keep], "fps": fps}
+    sample.extra["video"] = {"frames": [frames[i] for i in keep], "fps": fps, "indices": keep}
 
 
 def resolve_samples(samples: list[PromptSample], vision: VisionConfig, origin: str) -> list[PromptSample]:
@@ -267,21 +267,19 @@ def load_media(sample: PromptSample, vision: VisionConfig) -> Optional[Media]:
     return Media(torch.stack(pixels), kinds)
 
 
-def encode_multimodal_prompt(tokenizer, sample: PromptSample, vision: VisionConfig) -> list[int]:
-    """Prompt ids (chat template and BOS as for text prompts) with every ``<image>`` replaced by
-    ``tokens_per_image`` image ids and ``<video>`` by frames·tokens_per_image video ids."""
+def _expand(tokenizer, sample: PromptSample, vision: VisionConfig, marker_ids) -> list[int]:
+    """Prompt ids (chat template and BOS as for text prompts) with the k-th marker replaced by
+    ``marker_ids(k, marker)``; text that encodes to a placeholder id is an error."""
     templated = tokenizer.apply_chat_template([{"role": "user", "content": sample.prompt}])
     text = templated if templated is not None else sample.prompt
     bos = tokenizer.bos_id
     ids = [bos] if bos is not None and bos >= 0 else []
     reserved = {vision.image_token_id, vision.video_id}
-    per = vision.tokens_per_image
-    frames = len((sample.extra.get("video") or {}).get("frames", []))
+    k = 0
     for piece in _MARKERS.split(text):
-        if piece == IMAGE_MARKER:
-            ids += [vision.image_token_id] * per
-        elif piece == VIDEO_MARKER:
-            ids += [vision.video_id] * (per * frames)
+        if piece in (IMAGE_MARKER, VIDEO_MARKER):
+            ids += marker_ids(k, piece)
+            k += 1
         elif piece:
             encoded = tokenizer.encode(piece)
             if reserved & set(encoded):
@@ -291,14 +289,66 @@ def encode_multimodal_prompt(tokenizer, sample: PromptSample, vision: VisionConf
     return ids
 
 
+def encode_multimodal_prompt(tokenizer, sample: PromptSample, vision: VisionConfig) -> list[int]:
+    """Prompt ids with every ``<image>`` / ``<video>`` expanded to its placeholder ids: llava,
+    ``tokens_per_image`` image ids per image and frames·tokens_per_image video ids; Qwen-VL, the
+    blocks of ``data/qwen_media.py`` (their sizes depend on the images, which are read)."""
+    if vision.qwen:
+        return qwen_prompt_inputs(tokenizer, sample, vision)[0]
+    per = vision.tokens_per_image
+    frames = len((sample.extra.get("video") or {}).get("frames", []))
+    return _expand(tokenizer, sample, vision, lambda k, marker: [vision.image_token_id] * per if marker == IMAGE_MARKER
+                   else [vision.video_id] * (per * frames))  # fmt: skip
+
+
+def qwen_prompt_inputs(tokenizer, sample: PromptSample, vision: VisionConfig) -> tuple[list[int], dict]:
+    """Qwen-VL: prompt ids with vision blocks and the media dict (``data/qwen_media.py``)."""
+    from copd_megatron.data import qwen_media
+
+    where = sample.source or f"sample {sample.index}"
+    images = list(sample.extra.get("images") or [])
+    video = sample.extra.get("video")
+    order = ["image" if m == IMAGE_MARKER else "video" for m in _MARKERS.findall(sample.prompt)]
+    if not order:
+        return _expand(tokenizer, sample, vision, None), {}
+    pixels = [read_image(ref, f"{where}: image {i}") for i, ref in enumerate(images)]
+    clip = None
+    if video is not None:
+        frames = [read_image(ref, f"{where}: video frame {k}") for k, ref in enumerate(video["frames"])]
+        clip = {**video, "frames": frames, "indices": video.get("indices") or list(range(len(frames)))}
+    media, blocks = qwen_media.process(pixels, clip, order, vision, where)
+    arch = vision.arch
+    ids = _expand(tokenizer, sample, vision, lambda k, marker: qwen_media.placeholder_ids(
+        tokenizer, blocks[k][0], blocks[k][1], blocks[k][2], vision, arch))  # fmt: skip
+    return ids, media
+
+
+def check_qwen_media(sample: PromptSample, vision: VisionConfig) -> None:
+    """Decode every image and frame of ``sample`` once and check that Qwen's resize accepts it."""
+    from copd_megatron.data.qwen_media import smart_resize
+
+    where = sample.source or f"sample {sample.index}"
+    refs = [(f"image {i}", ref) for i, ref in enumerate(sample.extra.get("images") or [])]
+    refs += [(f"video frame {k}", ref) for k, ref in enumerate((sample.extra.get("video") or {}).get("frames", []))]
+    for what, ref in refs:
+        h, w = read_image(ref, f"{where}: {what}").shape[:2]
+        try:
+            smart_resize(h, w, vision.merge_unit, vision.min_pixels, vision.max_pixels)
+        except ValueError as e:
+            raise MediaError(f"{where}: {what}: {e} ({h}x{w} pixels)") from None
+
+
 def prompt_inputs(tokenizer, sample: PromptSample) -> tuple[list[int], dict]:
     """What a rollout request of ``sample`` carries: its prompt ids and its media. A sample whose
-    media were resolved for a vision model (``sample.vision``) gets placeholders expanded and
-    ``{"pixels": [n, 3, H, W]}``; any other sample is a text prompt (``encode_prompt``, ``{}``)."""
+    media were resolved for a vision model (``sample.vision``) gets placeholders expanded and its
+    media (llava: ``{"pixels": [n, 3, H, W]}``; Qwen-VL: ``data/qwen_media.py``); any other sample
+    is a text prompt (``encode_prompt``, ``{}``)."""
     from copd_megatron.data.tokenizer import encode_prompt
 
     if sample.vision is None:
         return encode_prompt(tokenizer, sample.prompt), {}
+    if sample.vision.qwen:
+        return qwen_prompt_inputs(tokenizer, sample, sample.vision)
     media = load_media(sample, sample.vision)
     return encode_multimodal_prompt(tokenizer, sample, sample.vision), ({} if media is None else {"pixels": media.pixels})
 
@@ -320,7 +370,7 @@ def load_multimodal_prompts(path: str | Path, vision: VisionConfig, domain: str 
         s.source = f"{p}:{line_no}"
         resolve_row_media(s, p.parent, vision)
         if verify:
-            load_media(s, vision)
+            check_qwen_media(s, vision) if vision.qwen else load_media(s, vision)
         if tokenizer is not None and max_prompt_tokens is not None:
             if len(encode_multimodal_prompt(tokenizer, s, vision)) > max_prompt_tokens:
                 dropped += 1

@@ -13,7 +13,8 @@ ids for vision-language models) and reads the batch fields it declares (``fields
 pixel values of each row), so code written for token tensors never sees pixel tensors.
 
 ``GPTProvider`` is the text model (Llama / Qwen families); vision-language providers register
-themselves under their ``model.arch`` name (``llava``: ``model/vlm.py``). A provider may name
+themselves under their ``model.arch`` name (``llava``: ``model/vlm.py``; ``qwen3_vl`` and
+``qwen2_5_vl``: ``model/qwen_vl/provider.py``). A provider may name
 vocabulary ids the sampler must never produce (``never_sample``: image placeholders).
 """
 
@@ -124,6 +125,7 @@ def forward_of(provider) -> Callable:
 def make_provider(model_cfg, parallel, precision, tcfg=None) -> ModelProvider:
     """The provider of ``model_cfg`` (text models: ``gpt``)."""
     from copd_megatron.model import vlm  # noqa: F401 - registers "llava"
+    from copd_megatron.model.qwen_vl import provider  # noqa: F401 - registers "qwen3_vl", "qwen2_5_vl"
 
     arch = model_cfg.arch
     if arch not in PROVIDERS:

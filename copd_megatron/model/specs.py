@@ -80,3 +80,17 @@ def projector_spec(model: ModelConfig):
     from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 
     return MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
+
+
+def vision_layer_spec(model: ModelConfig):
+    """(spec, uses_te) of one layer of ``model.vision``'s ViT: a pre-norm attention + MLP layer with
+    biases and no QK-norm (LayerNorm for Qwen3-VL, RMSNorm for Qwen2.5-VL, from the ViT config's
+    ``normalization``). ``model/qwen_vl/vision.py`` swaps in its attention class and mask type."""
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    assert model.vision is not None
+    norm = "LayerNorm" if model.arch == "qwen3_vl" else "RMSNorm"
+    te = use_transformer_engine(model)
+    if te:  # TE fuses each norm into the following linear layer (LayerNorm or RMSNorm per the config)
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=False), True
+    return gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=False, normalization=norm), False

@@ -220,12 +220,14 @@ def _llava_class():
     return VisionLanguageModel
 
 
-def placeholder_index(is_ph: torch.Tensor, per_row: torch.Tensor, skip: Optional[torch.Tensor]) -> torch.Tensor:
+def placeholder_index(is_ph: torch.Tensor, per_row: torch.Tensor, skip: Optional[torch.Tensor],
+                      start: Optional[torch.Tensor] = None) -> torch.Tensor:  # fmt: skip
     """For every placeholder of ``is_ph [b, s]`` (row-major), its row in the packed vectors.
 
-    Row ``r`` owns vectors ``start_r .. start_r + per_row[r]`` (``start`` = exclusive cumsum);
-    its k-th placeholder in this window takes ``start_r + skip_r + k``. Whole rows (``skip``
-    None) must have exactly ``per_row[r]`` placeholders; a window may have fewer."""
+    Row ``r`` owns vectors ``start_r .. start_r + per_row[r]`` (``start``: default the exclusive
+    cumsum of ``per_row``; rows sharing their images may share a start); its k-th placeholder in
+    this window takes ``start_r + skip_r + k``. Whole rows (``skip`` None) must have exactly
+    ``per_row[r]`` placeholders; a window may have fewer."""
     per_row = per_row.to(is_ph.device)
     have = is_ph.sum(dim=1)
     exact = skip is None
@@ -235,7 +237,7 @@ def placeholder_index(is_ph: torch.Tensor, per_row: torch.Tensor, skip: Optional
         r = int(bad.nonzero()[0, 0])
         raise ValueError(f"row {r}: {int(have[r])} image placeholder tokens (after {int(skip[r])}) but its images "
                          f"give {int(per_row[r])} vectors; expand each image to its tokens_per_image placeholders")  # fmt: skip
-    start = torch.cumsum(per_row, 0) - per_row
+    start = torch.cumsum(per_row, 0) - per_row if start is None else start.to(is_ph.device)
     rank = torch.cumsum(is_ph.long(), dim=1) - 1
     return (start[:, None] + skip[:, None] + rank)[is_ph]
 

@@ -5,6 +5,8 @@ builds the TE spec itself on a GPU)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -34,16 +36,20 @@ def _keys(root: str) -> dict:
     set_seed(0)
     chunks = build_model_chunks(m, ParallelConfig(), PrecisionConfig(params_dtype="fp32"))  # the local spec here
     local_names = {k for c in chunks for k in c.state_dict() if not k.endswith("_extra_state")}
+    layer_norm = megatron_norm_key_map(dataclasses.replace(m, normalization="LayerNorm"))  # the Qwen3-VL ViT's norms
     return {"ckpt": checkpoint_tensor_keys(f"{root}/mcore"), "model": sharded_tensor_keys(chunks),
-            "local_names": local_names, "megatron_map": megatron_norm_key_map(m), "ours": dict(TE_TO_LOCAL)}  # fmt: skip
+            "local_names": local_names, "megatron_map": megatron_norm_key_map(m), "ours": dict(TE_TO_LOCAL),
+            "layer_norm_map": layer_norm}  # fmt: skip
 
 
 def test_converted_base_has_the_te_spec_keys(tmp_path) -> None:
     r = run_distributed(_keys, 1, args=(str(tmp_path),), timeout=300)[0]
-    # The converter's table is the inverse of Megatron's own local → TE table.
+    # The converter's table is the inverse of Megatron's own local → TE table (RMSNorm: weights;
+    # LayerNorm, as in the Qwen3-VL ViT: weights and biases).
     assert r["megatron_map"] == {"input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
                                  "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight"}  # fmt: skip
-    assert {v: k for k, v in r["ours"].items()} == r["megatron_map"]
+    assert {v: k for k, v in r["ours"].items()} == r["layer_norm_map"]
+    assert r["megatron_map"].items() <= r["layer_norm_map"].items()
     # What a model expects (its sharded state dict) is exactly what the converted base holds ...
     assert r["ckpt"] == r["model"]
     # ... and those are the TE spec's names: Megatron's table applied to the local module names, layers stacked.

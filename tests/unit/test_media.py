@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from copd_megatron.config import VisionConfig
+from copd_megatron.config import config_from_dict
 from copd_megatron.data.media import (
     MediaError,
     encode_multimodal_prompt,
@@ -23,7 +23,13 @@ from copd_megatron.data.media import (
 )
 
 ROOT = Path(__file__).resolve().parents[2]
-VISION = VisionConfig(image_token_id=7, video_token_id=8, video_fps=1.0, max_frames=4, max_images=2)
+def llava_vision(**fields):
+    """A resolved llava ``model.vision`` (the tiny preset: 32x32 images, 8x8 patches) with ``fields``."""
+    model = {"preset": "tiny", "arch": "llava", "vision": {"preset": "tiny", **fields}}
+    return config_from_dict({"schedule": {"mode": "smoke"}, "model": model}).model.vision
+
+
+VISION = llava_vision(image_token_id=7, video_token_id=8, video_fps=1.0, max_frames=4, max_images=2)
 
 
 class CharTokenizer:

@@ -11,11 +11,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from copd_megatron.config import VisionConfig
+from copd_megatron.config import config_from_dict
 from copd_megatron.data.media import load_media, load_multimodal_prompts, preprocess
 from copd_megatron.rewards import synthetic
 from copd_megatron.rewards.registry import get_verifier
 from copd_megatron.rewards.visual import COLOURS, VISUAL_MAKERS
+
+
+def llava_vision(**fields):
+    """A resolved llava ``model.vision`` (the tiny preset) with ``fields``."""
+    model = {"preset": "tiny", "arch": "llava", "vision": {"preset": "tiny", **fields}}
+    return config_from_dict({"schedule": {"mode": "smoke"}, "model": model}).model.vision
 
 ROOT = Path(__file__).resolve().parents[2]
 NAMES = {rgb: name for name, rgb in COLOURS.items()}
@@ -99,7 +105,7 @@ def test_offline_writer_round_trips_through_the_media_loader(tmp_path):
     assert r.returncode == 0, r.stderr
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 2 and r.stderr.strip().endswith("exists; pass --force to replace it")
-    vision = VisionConfig(image_token_id=7)
+    vision = llava_vision(image_token_id=7)
     rows, _ = load_multimodal_prompts(out / "train.jsonl", vision)
     generated = synthetic.generate("shape_sum", 5, 2, seed=2)
     for row, gen in zip(rows, generated):
@@ -112,6 +118,6 @@ def test_offline_writer_round_trips_through_the_media_loader(tmp_path):
                     str(video)], check=True, capture_output=True, cwd=ROOT, timeout=120)  # fmt: skip
     row = json.loads((video / "train.jsonl").read_text().splitlines()[0])
     assert row["video"]["fps"] == 1.0 and (video / row["video"]["frames"]).is_dir()
-    (s, _), _ = load_multimodal_prompts(video / "train.jsonl", VisionConfig(image_token_id=7, video_fps=1.0))
+    (s, _), _ = load_multimodal_prompts(video / "train.jsonl", llava_vision(image_token_id=7, video_fps=1.0))
     gen = synthetic.generate("video_motion", 1, 2, seed=0)[0]
     assert load_media(s, vision).kinds == ["frame"] * len(gen.extra["video"]["frames"])
