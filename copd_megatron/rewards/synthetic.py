@@ -28,6 +28,7 @@ from copd_megatron.data.prompts import PromptSample, write_jsonl  # noqa: F401 -
 from copd_megatron.rewards.registry import register_verifier
 
 LETTERS = "abcdefgh"
+DIGITS = "0123456789"
 MIN_DIFFICULTY, MAX_DIFFICULTY = 1, 5
 
 
@@ -62,6 +63,23 @@ def _sort(rng: random.Random, d: int) -> tuple[str, str]:
     return f"Q: sort {w}\nA:", "".join(sorted(w))
 
 
+def _digits(rng: random.Random, d: int) -> list[str]:
+    # Repeats allowed: a sorted answer must keep every copy ("3903" -> "0339"), so a model
+    # that only knows the order of the digits still fails; that is what keeps greedy decoding
+    # off the ceiling for a base that has partly learned the task.
+    return [rng.choice(DIGITS) for _ in range(2 + d)]
+
+
+def _asc(rng: random.Random, d: int) -> tuple[str, str]:
+    xs = _digits(rng, d)
+    return f"Q: asc {''.join(xs)}\nA:", "".join(sorted(xs))
+
+
+def _desc(rng: random.Random, d: int) -> tuple[str, str]:
+    xs = _digits(rng, d)
+    return f"Q: desc {''.join(xs)}\nA:", "".join(sorted(xs, reverse=True))
+
+
 @dataclass(frozen=True)
 class TaskFamily:
     """One synthetic family: how to make a (prompt, answer) pair at a difficulty."""
@@ -91,6 +109,8 @@ FAMILIES: dict[str, TaskFamily] = {
         TaskFamily("reverse", _reverse),
         TaskFamily("count", _count),
         TaskFamily("sort", _sort),
+        TaskFamily("asc", _asc),
+        TaskFamily("desc", _desc),
     )
 }
 
