@@ -1,8 +1,14 @@
 """Make the demo's base policy: a SentencePiece tokenizer and a tiny Llama-style Megatron model
 SFT-trained briefly on synthetic task families, so it solves some but not all prompts.
 
+    .venv/bin/python tools/make_base.py --out runs/demo/base --preset testbed   # the demo's base, <1 min
     .venv/bin/python tools/make_base.py --out runs/base                       # ~2 min on 2 CPU cores
     .venv/bin/python tools/make_base.py --out runs/base --families arithmetic reverse --steps 300
+
+``--preset testbed`` is the base of ``configs/demo_cpu.yaml`` (docs/testbed.md): families
+``asc`` and ``desc``, SFT stopped mid-learning at a constant learning rate so that its sampled
+pass@1 (T = 1) is about 1/3 and its greedy pass@1 about 60% on both; flags given explicitly
+override the preset's values.
 
 Writes ``<out>/tokenizer.model``, ``<out>/checkpoint`` (torch_dist, loadable at any TP/PP) and
 ``<out>/base.json`` with the held-out pass@1 per family. RLVR needs prompts the base sometimes
@@ -28,20 +34,45 @@ from copd_megatron.rewards.synthetic import generate, sft_text
 logger = logging.getLogger("make_base")
 
 
+# Chosen by tools/sweep_testbed.py (docs/testbed.md).
+PRESETS = {
+    "testbed": {"families": ["asc", "desc"], "difficulty": ["4"], "steps": 125, "lr": 1e-3, "lr_schedule": "constant",
+                "vocab_size": 280, "eval_prompts": 200,
+                "model": ["model.num_layers=4", "model.hidden_size=128", "model.ffn_hidden_size=352"]},
+}  # fmt: skip
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="a named set of defaults (explicit flags win)")
     p.add_argument("--families", nargs="+", default=["arithmetic", "reverse", "count", "sort"])
     p.add_argument("--difficulty", nargs="+", default=["2"],
                    help="one level for all families, or family=level items (e.g. arithmetic=1 reverse=4)")
     p.add_argument("--steps", type=int, default=250, help="SFT optimizer steps")
     p.add_argument("--batch", type=int, default=32, help="sequences per step")
     p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--lr-schedule", choices=["cosine", "constant"], default="cosine",
+                   help="constant stops SFT mid-learning (greedy not yet saturated); cosine anneals to lr/10")
     p.add_argument("--vocab-size", type=int, default=320, help="> 259: byte fallback needs 256 ids")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--eval-prompts", type=int, default=64)
+    p.add_argument("--eval-seed", type=int, default=12345,
+                   help="seed of the held-out prompts (12345 = the trainer's eval.seed default: the same test set)")
+    p.add_argument("--eval-samples", type=int, default=8,
+                   help="n of the sampled mean@n (temperature 1) reported beside greedy pass@1 (1 = greedy only)")
+    p.add_argument("--eval-every", type=int, default=0,
+                   help="also evaluate every N SFT steps (log only): where the learning curve crosses 20-50%%")
     p.add_argument("--model", nargs="*", default=[], help="model.* overrides, e.g. model.num_layers=4")
     return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = _parser()
+    known, _ = p.parse_known_args(argv)
+    if known.preset:
+        p.set_defaults(**PRESETS[known.preset])
+    return p.parse_args(argv)
 
 
 def levels(families: list[str], spec: list[str]) -> dict[str, int]:
@@ -79,7 +110,7 @@ def make_base(args) -> dict:
     cfg = config_from_dict({
         "seed": args.seed, "schedule": {"mode": "smoke"}, "precision": {"params_dtype": "fp32"},
         "model": {"preset": "tiny", "vocab_size": tok.vocab_size, "seq_length": 64},
-        "optimizer": {"lr": args.lr, "lr_schedule": "cosine", "min_lr": args.lr / 10, "warmup_steps": 10,
+        "optimizer": {"lr": args.lr, "lr_schedule": args.lr_schedule, "min_lr": args.lr / 10, "warmup_steps": 10,
                       "weight_decay": 0.0},
         "parallel": {"micro_batch_size": args.batch},
     }, args.model)  # fmt: skip
@@ -91,30 +122,44 @@ def make_base(args) -> dict:
     branch = wrap_and_optimize(chunks, tcfg, cfg.parallel, cfg.precision, cfg.optimizer, args.steps)
     per_family = max(1, args.batch // len(args.families))
     pools = {f: generate(f, per_family * args.steps, difficulty[f], seed=args.seed) for f in args.families}
+    engine = MegatronEngine(branch.chunks[0], cfg.model.vocab_size, pad_id=tok.pad_id, decode=tok.decode)
+    held_out = {f: (generate(f, args.eval_prompts, difficulty[f], seed=args.eval_seed),
+                    get_verifier(f"synthetic_{f}")) for f in args.families}  # fmt: skip
+
+    def score() -> dict:
+        return evaluate(engine, tok, held_out, max_new_tokens=12, stop=["\n"], samples=args.eval_samples,
+                        temperature=1.0, seed=args.seed)  # fmt: skip
+
     for step in range(args.steps):
         pairs = [sft_text(s) for f in args.families for s in pools[f][step * per_family : (step + 1) * per_family]]
         mine = pairs[ps.get_data_parallel_rank() :: layout.dp]  # this data-parallel rank's share
         res = train_step(branch, sft_microbatches(tok, mine, cfg.parallel.micro_batch_size, tok.pad_id))
         if step % 25 == 0 or step == args.steps - 1:
             logger.info("sft step %d/%d | loss %.4f", step + 1, args.steps, res.loss)
-    engine = MegatronEngine(branch.chunks[0], cfg.model.vocab_size, pad_id=tok.pad_id, decode=tok.decode)
-    held_out = {f: (generate(f, args.eval_prompts, difficulty[f], seed=args.seed + 999),
-                    get_verifier(f"synthetic_{f}")) for f in args.families}  # fmt: skip
-    scores = evaluate(engine, tok, held_out, max_new_tokens=12, stop=["\n"])
+        if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
+            logger.info("sft step %d held-out: %s", step + 1, _brief(score()))
+    scores = score()
+    logger.info("sft step %d held-out: %s", args.steps, _brief(scores))
     save_model([c.module for c in branch.chunks], out / "checkpoint", cfg.model, "fp32")
     summary = {"tokenizer": str(out / "tokenizer.model"), "checkpoint": str(out / "checkpoint"),
                "vocab_size": tok.vocab_size, "difficulty": difficulty, "model": dataclasses.asdict(cfg.model),
-               "pass@1": {f: v["pass@1"] for f, v in scores.items()}}  # fmt: skip
+               "pass@1": {f: v["pass@1"] for f, v in scores.items()},
+               **({f"mean@{args.eval_samples}": {f: v[f"mean@{args.eval_samples}"] for f, v in scores.items()}}
+                  if args.eval_samples > 1 else {})}  # fmt: skip
     if torch.distributed.get_rank() == 0:
         (out / "base.json").write_text(json.dumps(summary, indent=1))
     return summary
+
+
+def _brief(scores: dict) -> str:
+    return " | ".join(f"{f} " + " ".join(f"{k} {v:.2f}" for k, v in r.items() if k != "n") for f, r in scores.items())
 
 
 def main(argv: list[str] | None = None) -> int:
     from copd_megatron.distributed.init import destroy_distributed, init_distributed, read_dist_env
     from copd_megatron.utils.logging import setup_logging
 
-    args = _parser().parse_args(argv)
+    args = parse_args(argv)
     env = read_dist_env()
     setup_logging("INFO", env.rank)
     init_distributed(env)
@@ -123,9 +168,11 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         destroy_distributed()
     if env.rank == 0:
-        print("| family | base pass@1 |\n|---|---:|")
+        sampled = next((k for k in summary if k.startswith("mean@")), None)
+        print("| family | base greedy pass@1 |" + (f" base sampled {sampled} (T=1) |" if sampled else "")
+              + "\n|---|---:|" + ("---:|" if sampled else ""))  # fmt: skip
         for fam, v in summary["pass@1"].items():
-            print(f"| {fam} | {v:.2f} |")
+            print(f"| {fam} | {v:.2f} |" + (f" {summary[sampled][fam]:.2f} |" if sampled else ""))
     return 0
 
 
