@@ -48,16 +48,23 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def check_compatible(dirs: list[str]) -> None:
-    """Same architecture and identical tensor keys and global shapes, or a one-line error."""
+def _model_tensors(ckpt_dir: str) -> dict:
+    """Tensor metadata of the model weights only: a trainer's branch checkpoint also holds the
+    optimizer state (``optimizer.*``), which a merge never reads and a base from make_base or
+    copd-merge does not have."""
     from megatron.core import dist_checkpointing
 
+    return {k: v for k, v in dist_checkpointing.load_tensors_metadata(ckpt_dir).items() if not k.startswith("optimizer.")}
+
+
+def check_compatible(dirs: list[str]) -> None:
+    """Same architecture and identical weight keys and global shapes, or a one-line error."""
     from copd_megatron.checkpoint.dist_ckpt import read_meta, verify_files
 
     for d in dirs:
         verify_files(d)
     ref_model, _ = read_meta(dirs[0])
-    ref_meta = dist_checkpointing.load_tensors_metadata(dirs[0])
+    ref_meta = _model_tensors(dirs[0])
     for d in dirs[1:]:
         model, _ = read_meta(d)
         for field, value in vars(ref_model).items():
@@ -65,7 +72,7 @@ def check_compatible(dirs: list[str]) -> None:
                 raise ConfigError(
                     f"{d}: architecture differs from {dirs[0]}: model.{field} is {getattr(model, field)!r}, not {value!r}"
                 )
-        meta = dist_checkpointing.load_tensors_metadata(d)
+        meta = _model_tensors(d)
         if set(meta) != set(ref_meta):
             extra = sorted(set(meta) ^ set(ref_meta))[0]
             raise ConfigError(f"{d}: tensor {extra!r} is present in only one of {d} and {dirs[0]}")
@@ -102,6 +109,9 @@ def _load_shards(chunk, ckpt_dir: str) -> dict:
     sd = chunk.sharded_state_dict()
     apply_factories(sd)
     loaded = dist_checkpointing.load(sd, ckpt_dir)
+    # A trainer's branch checkpoint also returns its common (non-sharded) state: the scheduler
+    # and the optimizer's param groups. Only the model's own entries belong to the merge.
+    loaded = {k: v for k, v in loaded.items() if k in sd}
     for path, leaf in list(_leaves(loaded)):
         if isinstance(leaf, torch.Tensor):
             _set(loaded, path, leaf.detach().clone())  # loads may alias the model's parameters
