@@ -10,8 +10,15 @@ verifier ``synthetic_<family>``:
     reverse     "Q: reverse cabd\\nA:"            "dbac"  word length 2 + difficulty
     count       "Q: count b in abbcb\\nA:"        "3"     string length 3 + difficulty
     sort        "Q: sort dbca\\nA:"               "abcd"  word length 2 + difficulty
+    asc         "Q: asc 390720\\nA:"              "002379" digits (repeats allowed): 2 + difficulty
+    desc        "Q: desc 390720\\nA:"             "973200" digits (repeats allowed): 2 + difficulty
 
-Words use the letters a-h only, so the vocabulary stays tiny. The policy's answer is its
+Words use the letters a-h only, so the vocabulary stays tiny. ``asc`` and ``desc`` are the
+CPU testbed (docs/testbed.md): one sub-skill (reading a multiset of digits, copies included,
+and emitting it in order) in two opposite compositions, so an expert of one answers the other
+wrongly, while what it learns about digits and copies is shared. Digits are one token each
+(the tokenizer splits digits), which letters are not (SentencePiece merges them into pieces,
+so "the 3rd letter" is not "the 3rd token"). The policy's answer is its
 completion up to the first newline (the rollout stop string), stripped of spaces; it must
 equal the reference exactly. Generation is deterministic in (family, difficulty, seed):
 the same call gives the same samples on every rank and in every run.
