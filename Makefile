@@ -15,13 +15,20 @@ $(STAMP): setup.py
 	$(PY) -m pip install --quiet -e ".[test,plots,hf]"
 	touch $(STAMP)
 
-# The CPU demo: make the tiny base (tokenizer + SFT), run 2-branch CoPD, merge, evaluate, plot.
-DEMO_BASE := runs/demo/base
+# The CPU demo on the testbed (docs/testbed.md): make the tiny base (tokenizer + SFT stopped
+# mid-learning), run 2-branch CoPD at DEMO_SEEDS (each merges and evaluates itself), print the
+# table over seeds (base vs merged CoPD, with the margin against the seed spread), plot seed 1.
+# Finished pieces are kept: a second `make demo` only reprints.
+DEMO_BASE  := runs/demo/base
+DEMO_SEEDS := 1 2 3
 demo: $(STAMP)
-	test -f $(DEMO_BASE)/base.json || $(PY) tools/make_base.py --out $(DEMO_BASE) --families count sort \
-		--difficulty 4 --steps 400 --model model.num_layers=4 model.hidden_size=128 model.ffn_hidden_size=352
-	$(PY) -m copd_megatron.cli configs/demo_cpu.yaml
-	$(PY) tools/plot_run.py runs/demo/copd --out runs/demo/copd/plots
+	test -f $(DEMO_BASE)/base.json || $(PY) tools/make_base.py --out $(DEMO_BASE) --preset testbed
+	for s in $(DEMO_SEEDS); do \
+		test -f runs/demo/copd/seed$$s/eval.json || $(PY) -m copd_megatron.cli configs/demo_cpu.yaml \
+			seed=$$s run_dir=runs/demo/copd/seed$$s || exit 1; \
+	done
+	$(PY) tools/plot_run.py runs/demo/copd/seed1 --out runs/demo/plots
+	$(PY) tools/compare_runs.py runs/demo --out runs/demo/table.md
 
 # The smallest end-to-end job: a tiny GPTModel trained as a language model at TP=2 on 2 processes.
 smoke: $(STAMP)

@@ -30,7 +30,7 @@ def _config(base: Path, run_dir: Path, *overrides: str):
     from copd_megatron.config import load_config
 
     vocab = json.loads((base / "base.json").read_text())["vocab_size"]
-    return load_config(ROOT / "configs/demo_cpu.yaml", [
+    return load_config(ROOT / "configs/count_sort_cpu.yaml", [
         f"tokenizer={base / 'tokenizer.model'}", f"checkpoint.base={base / 'checkpoint'}", f"run_dir={run_dir}",
         f"model.vocab_size={vocab}", *MODEL, "schedule.cycles=1", "schedule.s_rl=1", "schedule.s_opd=1",
         "rollout.prompts_per_step=4", "rollout.group_size=4", "rollout.max_new_tokens=6", "eval.prompts_per_domain=8",
@@ -140,7 +140,7 @@ def test_cli_run_produces_merged_checkpoint_eval_table_and_metrics(base, tmp_pat
                 f"model.vocab_size={json.loads((base / 'base.json').read_text())['vocab_size']}", *MODEL,
                 "schedule.cycles=1", "schedule.s_rl=1", "schedule.s_opd=1", "rollout.prompts_per_step=4",
                 "rollout.group_size=4", "eval.prompts_per_domain=8", "eval.overlap_prompts=4"]  # fmt: skip
-    out = subprocess.run([sys.executable, "-m", "copd_megatron.cli", "configs/demo_cpu.yaml", *cfg_args], cwd=ROOT,
+    out = subprocess.run([sys.executable, "-m", "copd_megatron.cli", "configs/count_sort_cpu.yaml", *cfg_args], cwd=ROOT,
                          capture_output=True, text=True, timeout=300)  # fmt: skip
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     assert (run_dir / "merged" / "metadata.json").is_file()
@@ -202,7 +202,7 @@ def test_copd_resume_after_sigkill_matches_the_uninterrupted_run(base, tmp_path)
         env = {**os.environ, "COPD_TEST_SESSION": token, **({"COPD_FAULT": fault} if fault else {})}
         with open(tmp_path / f"{run_dir.name}.log", "w") as log:
             try:
-                return subprocess.run([sys.executable, "-m", "copd_megatron.cli", "configs/demo_cpu.yaml",
+                return subprocess.run([sys.executable, "-m", "copd_megatron.cli", "configs/count_sort_cpu.yaml",
                                        f"run_dir={run_dir}", *common, *extra], cwd=ROOT, env=env, stdout=log,
                                       stderr=subprocess.STDOUT, timeout=300).returncode  # fmt: skip
             finally:
