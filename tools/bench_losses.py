@@ -22,6 +22,7 @@ the largest rank. Time: median of ``--repeats`` iterations, slowest rank.
 from __future__ import annotations
 
 import argparse
+import logging
 import statistics
 import time
 
@@ -29,6 +30,10 @@ import torch
 import torch.distributed as dist
 
 from copd_megatron.testing import run_distributed
+from copd_megatron.utils.cli import doc_summary
+from copd_megatron.utils.progress import Progress
+
+logger = logging.getLogger("bench_losses")
 
 
 def _status_kb(field: str) -> int:
@@ -90,7 +95,7 @@ def _bench(path: str, fn: str, tokens: int, vocab: int, chunk: int, repeats: int
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=doc_summary(__doc__))
     p.add_argument("--tokens", type=int, default=8 * 512)
     p.add_argument("--vocab", type=int, default=32768)
     p.add_argument("--chunk", type=int, default=512, help="tokens per fp32 chunk of the sharded path")
@@ -98,10 +103,16 @@ def main() -> None:
     p.add_argument("--fn", choices=["logprobs", "entropy"], default="logprobs")
     p.add_argument("--repeats", type=int, default=3)
     a = p.parse_args()
+    from copd_megatron.utils.logging import setup_logging
+
+    setup_logging("INFO")
     by = {}
+    # Each case is a fresh world (start-up dominates small cases); the ETA is the mean case time.
+    progress = Progress("bench_losses", 2 * len(a.tp), logger, unit="cases", every_s=0.0)
     for tp in a.tp:
         for path in ("gather", "sharded"):
             res = run_distributed(_bench, tp, args=(path, a.fn, a.tokens, a.vocab, a.chunk, a.repeats), timeout=1800)
+            progress.update(note=f"tp={tp} {path}")
             by[(tp, path)] = (max(r["peak_mb"] for r in res), max(r["seconds"] for r in res),
                               max(r["base_mb"] for r in res))  # fmt: skip
     shard_mb = a.tokens * a.vocab * 2 / 2**20

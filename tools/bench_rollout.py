@@ -1,60 +1,172 @@
-"""Tokens/s of the Megatron-native rollout engine with vs without the KV cache (CPU, tiny model).
+"""Rollout engines side by side on the same weights and prompts: Megatron engine, vLLM, and
+transformers ``generate`` (the reference a user would reach for), at several model sizes.
 
-    .venv/bin/python tools/bench_rollout.py                      # defaults: 16 prompts x 64 new tokens
-    .venv/bin/python tools/bench_rollout.py --tp 2 --new-tokens 128
+    .venv/bin/python tools/bench_rollout.py                                # 2 sizes, 16 prompts x 16 tokens, 64 new
+    .venv/bin/python tools/bench_rollout.py --new-tokens 256 --sizes 41m
+    .venv/bin/python tools/bench_rollout.py --engines megatron megatron-nokv hf   # the KV cache's effect, no vLLM
 
-Prints a Markdown table. Without the cache every step re-runs the whole sequence, so the
-cost grows quadratically with the response length; with it each step is one token.
+One process builds a random Llama-style Megatron model (fp32, TP=1), exports it in memory to
+HF tensors (the live export vLLM is synced with), loads the same tensors into transformers'
+``LlamaForCausalLM`` and starts vLLM (its CPU build here) from them. Every engine decodes the
+same prompts greedily; a "same tokens" column compares each engine's tokens with transformers'.
+
+Columns: tokens/s = new tokens / wall time of one ``generate`` (best of ``--repeats``); TTFT =
+wall time of a ``generate`` with one new token (prefill + first sample, batch included);
+vLLM's weight sync = ``update_weights`` of the whole model (export from the Megatron shards,
+bucketed transfer to vLLM's process, layerwise reload), mean over ``--syncs`` updates; vLLM's
+start-up time and the resident memory of its processes (what one more engine per branch costs;
+a shared engine instead pays one sync per switch of branch). Megatron and transformers run with
+``--threads`` torch threads in this process; vLLM runs in its own processes with its own
+OpenMP threads.
 """
 
 from __future__ import annotations
 
 import argparse
+import time
 
-import torch.distributed as dist
+import torch
 
 from copd_megatron.testing import run_distributed
 
+SIZES = {
+    # name: (layers, hidden, ffn, heads, kv heads, vocab); tied embeddings. 41m = the issue's model.
+    "11m": (4, 256, 688, 4, 4, 32000),
+    "41m": (8, 512, 1376, 8, 8, 32000),
+}
 
-def _bench(tp: int, batch: int, prompt_len: int, new_tokens: int, preset: str, repeats: int) -> list[dict]:
+
+def _model_cfg(size: str, seq: int) -> dict:
+    layers, hidden, ffn, heads, groups, vocab = SIZES[size]
+    return {"num_layers": layers, "hidden_size": hidden, "ffn_hidden_size": ffn, "num_attention_heads": heads,
+            "num_query_groups": groups, "vocab_size": vocab, "seq_length": seq, "tie_embeddings": True,
+            "init_method_std": 0.05}  # fmt: skip
+
+
+def _hf_model(cfg, tensors: dict):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from copd_megatron.checkpoint.hf import hf_config_from_model
+
+    config = AutoConfig.for_model(**{k: v for k, v in hf_config_from_model(cfg.model).items()
+                                     if k not in ("architectures",)})  # fmt: skip
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(tensors, strict=False)  # tied lm_head follows the embedding
+    model.tie_weights()
+    return model.eval()
+
+
+def _rss_mb_of_children() -> float:
+    import psutil
+
+    return sum(c.memory_info().rss for c in psutil.Process().children(recursive=True)) / 2**20
+
+
+def _bench(size: str, engines: list[str], batch: int, prompt_len: int, new_tokens: int, repeats: int,
+           syncs: int, threads: int) -> list[dict]:  # fmt: skip
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+    from types import SimpleNamespace
+
+    from copd_megatron.checkpoint.hf_export import export_hf_weights
     from copd_megatron.config import config_from_dict, validate
     from copd_megatron.distributed.init import init_model_parallel, set_seed
     from copd_megatron.model.build import build_model_chunks
     from copd_megatron.rollout.megatron_engine import MegatronEngine
     from copd_megatron.rollout.types import SamplingParams
 
-    cfg = config_from_dict({"schedule": {"mode": "smoke"}, "model": {"preset": preset, "seq_length": 1024},
-                            "parallel": {"tp": tp}, "precision": {"params_dtype": "fp32"}})  # fmt: skip
+    torch.set_num_threads(threads)
+    cfg = config_from_dict({"schedule": {"mode": "smoke"}, "model": _model_cfg(size, prompt_len + new_tokens + 8),
+                            "precision": {"params_dtype": "fp32"},
+                            "rollout": {"vllm": {"kv_cache_gb": 0.5, "max_num_seqs": batch}}})  # fmt: skip
     init_model_parallel(validate(cfg, dist.get_world_size()))
     set_seed(0)
-    (model,) = build_model_chunks(cfg.model, cfg.parallel, cfg.precision)
-    prompts = [[(7 * i + j) % cfg.model.vocab_size for j in range(prompt_len)] for i in range(batch)]
-    params = SamplingParams(max_new_tokens=new_tokens, temperature=1.0, seed=1)
-    rows = []
-    for kv in (True, False):
-        engine = MegatronEngine(model, cfg.model.vocab_size, use_kv_cache=kv)
-        engine.generate(prompts[:2], SamplingParams(max_new_tokens=4))  # warm-up
-        best = min(engine.generate(prompts, params).meta["seconds"] for _ in range(repeats))
-        rows.append({"kv": kv, "seconds": best, "tokens_per_s": batch * new_tokens / best})
+    chunks = build_model_chunks(cfg.model, cfg.parallel, cfg.precision)
+    groups = SimpleNamespace(tp=ps.get_tensor_model_parallel_group(), pp=ps.get_pipeline_model_parallel_group(),
+                             mp=ps.get_model_parallel_group())  # fmt: skip
+    export = lambda: export_hf_weights(chunks, cfg.model, groups)  # noqa: E731
+    g = torch.Generator().manual_seed(0)
+    prompts = torch.randint(3, cfg.model.vocab_size, (batch, prompt_len), generator=g).tolist()
+    greedy, first = SamplingParams(max_new_tokens=new_tokens, greedy=True), SamplingParams(max_new_tokens=1, greedy=True)
+    params = sum(p.numel() for c in chunks for p in c.parameters())
+    runs: dict[str, tuple] = {}  # engine name -> (generate(params), tokens of its output, extra columns)
+    if "hf" in engines:
+        model = _hf_model(cfg, dict(export()))
+        ids = torch.tensor(prompts)
+
+        def hf_gen(p):
+            with torch.no_grad():
+                return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=p.max_new_tokens,
+                                      min_new_tokens=p.max_new_tokens, do_sample=False, pad_token_id=0)  # fmt: skip
+
+        runs["transformers generate"] = (hf_gen, lambda out: out[:, prompt_len:], {})
+    for name, kv in (("megatron", True), ("megatron-nokv", False)):
+        if name in engines:
+            engine_m = MegatronEngine(chunks[0], cfg.model.vocab_size, use_kv_cache=kv)
+            runs[f"Megatron engine{'' if kv else ' (no KV cache)'}"] = (
+                lambda p, e=engine_m: e.generate(prompts, p), lambda b: b.tokens[:, prompt_len:], {})
+    vllm_engine = None
+    if "vllm" in engines:
+        from copd_megatron.rollout.engine import EngineContext, build_engine
+
+        t0 = time.perf_counter()
+        ctx = EngineContext(cfg.model, cfg.rollout, chunks, None, SimpleNamespace(pad_id=0), groups, export)
+        vllm_engine = build_engine("vllm", ctx)
+        extra = {"start_s": time.perf_counter() - t0, "rss_mb": _rss_mb_of_children()}
+        runs["vLLM (CPU build)"] = (lambda p: vllm_engine.generate(prompts, p), lambda b: b.tokens[:, prompt_len:], extra)
+    # Interleaved repeats (engine A, B, C, A, B, C, ...) so that a burst of load from other jobs on
+    # the machine hits every engine alike; the best time of each is reported.
+    best = {name: [float("inf"), float("inf"), None] for name in runs}
+    for name, (gen, _, _) in runs.items():
+        gen(first)  # warm-up
+    for _ in range(repeats):
+        for name, (gen, _, _) in runs.items():
+            for i, p in enumerate((first, greedy)):
+                t0 = time.perf_counter()
+                out = gen(p)
+                best[name][i] = min(best[name][i], time.perf_counter() - t0)
+            best[name][2] = out
+    rows, reference = [], None
+    for name, (gen, tokens_of, extra) in runs.items():
+        ttft, seconds, out = best[name]
+        rows.append({"size": size, "params_m": params / 1e6, "engine": name, "tokens_per_s": batch * new_tokens / seconds,
+                     "ttft_s": ttft, "tokens": tokens_of(out), **extra})  # fmt: skip
+        if name == "transformers generate":
+            reference = rows[-1]["tokens"]
+    if vllm_engine is not None:
+        for v in range(1, syncs + 1):
+            vllm_engine.update_weights(export(), v)
+        rows[-1]["sync_s"] = sum(vllm_engine.sync_seconds) / len(vllm_engine.sync_seconds)
+        vllm_engine.close()
+    for r in rows:
+        r["same"] = "-" if reference is None else ("yes" if torch.equal(r.pop("tokens"), reference) else "no")
+        r.pop("tokens", None)
     return rows
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
+    p.add_argument("--engines", nargs="+", default=["hf", "megatron", "vllm"],
+                   choices=["hf", "megatron", "megatron-nokv", "vllm"])  # fmt: skip
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--prompt-len", type=int, default=16)
     p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--preset", default="tiny")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--syncs", type=int, default=3, help="vLLM weight updates to time")
+    p.add_argument("--threads", type=int, default=1, help="torch threads of the Megatron / transformers engines")
     a = p.parse_args()
-    rows = run_distributed(_bench, a.tp, args=(a.tp, a.batch, a.prompt_len, a.new_tokens, a.preset, a.repeats),
-                           timeout=1800)[0]  # fmt: skip
-    print(f"model={a.preset} tp={a.tp} batch={a.batch} prompt={a.prompt_len} new_tokens={a.new_tokens} (best of {a.repeats})")
-    print("| KV cache | seconds | tokens/s |\n|---|---:|---:|")
-    for r in rows:
-        print(f"| {'yes' if r['kv'] else 'no'} | {r['seconds']:.3f} | {r['tokens_per_s']:.0f} |")
-    print(f"speed-up with KV cache: {rows[1]['seconds'] / rows[0]['seconds']:.1f}x")
+    print(f"batch={a.batch} prompt={a.prompt_len} new_tokens={a.new_tokens} greedy fp32 TP=1 "
+          f"threads={a.threads} (best of {a.repeats})")  # fmt: skip
+    print("| model | engine | tokens/s | TTFT (s) | same tokens as transformers | vLLM start (s) | vLLM RSS (MiB) "
+          "| weight sync per update (s) |\n|---|---|---:|---:|---|---:|---:|---:|")  # fmt: skip
+    for size in a.sizes:
+        rows = run_distributed(_bench, 1, args=(size, a.engines, a.batch, a.prompt_len, a.new_tokens, a.repeats,
+                                                a.syncs, a.threads), timeout=3600)[0]  # fmt: skip
+        for r in rows:
+            extra = [f"{r[k]:.{d}f}" if k in r else "" for k, d in (("start_s", 1), ("rss_mb", 0), ("sync_s", 2))]
+            print(f"| {size} ({r['params_m']:.1f}M) | {r['engine']} | {r['tokens_per_s']:.0f} | {r['ttft_s']:.3f} "
+                  f"| {r['same']} | " + " | ".join(extra) + " |", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@ SFT-trained briefly on synthetic task families, so it solves some but not all pr
     .venv/bin/python tools/make_base.py --out runs/demo/base --preset testbed   # the demo's base, <1 min
     .venv/bin/python tools/make_base.py --out runs/base                       # ~2 min on 2 CPU cores
     .venv/bin/python tools/make_base.py --out runs/base --families arithmetic reverse --steps 300
+    # a vision-language base (LLaVA-style: tiny CLIP ViT + projector + the same language model)
+    .venv/bin/python tools/make_base.py --out runs/vlm_base --vision tiny --families count shape_count video_motion
 
 ``--preset testbed`` is the base of ``configs/demo_cpu.yaml`` (docs/testbed.md): families
 ``asc`` and ``desc``, SFT stopped mid-learning at a constant learning rate so that its sampled
@@ -11,7 +13,11 @@ pass@1 (T = 1) is about 1/3 and its greedy pass@1 about 60% on both; flags given
 override the preset's values.
 
 Writes ``<out>/tokenizer.model``, ``<out>/checkpoint`` (torch_dist, loadable at any TP/PP) and
-``<out>/base.json`` with the held-out pass@1 per family. RLVR needs prompts the base sometimes
+``<out>/base.json`` with the held-out pass@1 per family. With ``--vision PRESET`` the tokenizer
+reserves ``<image>`` and ``<video>`` (their ids become ``model.vision.image_token_id`` /
+``video_token_id``), the model gets a vision tower, and visual families (``shape_count``,
+``video_motion``, ...) may be mixed with text ones. ``<out>`` is built in a hidden sibling and
+renamed into place at the end; a non-empty ``<out>`` is replaced only with ``--force``. RLVR needs prompts the base sometimes
 solves (the paper filters out pass rates of 0% and 100%); the defaults aim at 10-70% per family.
 """
 
@@ -26,10 +32,12 @@ from pathlib import Path
 
 import torch
 
-from copd_megatron.config import config_from_dict, validate
+from copd_megatron.config import ConfigError, config_from_dict, validate
 from copd_megatron.data.tokenizer import load_tokenizer, train_sentencepiece
 from copd_megatron.rewards.registry import get_verifier
-from copd_megatron.rewards.synthetic import generate, sft_text
+from copd_megatron.rewards.synthetic import generate, get_family, sft_text
+from copd_megatron.utils.cli import OneLineParser, doc_summary, report_error
+from copd_megatron.utils.progress import Progress
 
 logger = logging.getLogger("make_base")
 
@@ -37,15 +45,16 @@ logger = logging.getLogger("make_base")
 # Chosen by tools/sweep_testbed.py (docs/testbed.md).
 PRESETS = {
     "testbed": {"families": ["asc", "desc"], "difficulty": ["4"], "steps": 125, "lr": 1e-3, "lr_schedule": "constant",
-                "vocab_size": 280, "eval_prompts": 200,
+                "vocab_size": 280, "eval_prompts": 200, "eval_samples": 8,
                 "model": ["model.num_layers=4", "model.hidden_size=128", "model.ffn_hidden_size=352"]},
 }  # fmt: skip
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", required=True, help="output directory")
+def _parser() -> OneLineParser:
+    p = OneLineParser(prog="make_base.py", description=doc_summary(__doc__))
+    p.add_argument("--out", required=True, help="output directory (new or empty; see --force)")
     p.add_argument("--preset", choices=sorted(PRESETS), help="a named set of defaults (explicit flags win)")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out")
     p.add_argument("--families", nargs="+", default=["arithmetic", "reverse", "count", "sort"])
     p.add_argument("--difficulty", nargs="+", default=["2"],
                    help="one level for all families, or family=level items (e.g. arithmetic=1 reverse=4)")
@@ -59,11 +68,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-prompts", type=int, default=64)
     p.add_argument("--eval-seed", type=int, default=12345,
                    help="seed of the held-out prompts (12345 = the trainer's eval.seed default: the same test set)")
-    p.add_argument("--eval-samples", type=int, default=8,
+    p.add_argument("--eval-samples", type=int, default=1,
                    help="n of the sampled mean@n (temperature 1) reported beside greedy pass@1 (1 = greedy only)")
     p.add_argument("--eval-every", type=int, default=0,
                    help="also evaluate every N SFT steps (log only): where the learning curve crosses 20-50%%")
     p.add_argument("--model", nargs="*", default=[], help="model.* overrides, e.g. model.num_layers=4")
+    p.add_argument("--vision", default=None, help="vision preset (e.g. tiny): make a vision-language base")
     return p
 
 
@@ -83,33 +93,68 @@ def levels(families: list[str], spec: list[str]) -> dict[str, int]:
     return {f: int(table.get(f, 2)) for f in families}
 
 
-def build_tokenizer(out: Path, difficulty: dict[str, int], vocab_size: int, seed: int):
+def build_tokenizer(out: Path, difficulty: dict[str, int], vocab_size: int, seed: int, symbols: tuple[str, ...] = ()):
     texts = []
     for fam, level in difficulty.items():
-        for s in generate(fam, 3000, level, seed=seed + 100):
+        for s in generate(fam, 3000 if not get_family(fam).visual else 300, level, seed=seed + 100):
             prompt, target = sft_text(s)
             texts.append(prompt + target)
-    return load_tokenizer(train_sentencepiece(texts, out / "tokenizer", vocab_size=vocab_size))
+    model = train_sentencepiece(texts, out / "tokenizer", vocab_size=vocab_size, user_defined_symbols=symbols)
+    return load_tokenizer(model)
 
 
-def make_base(args) -> dict:
+def _model_section(args, tok) -> dict:
+    model = {"preset": "tiny", "vocab_size": tok.vocab_size, "seq_length": 64}
+    if args.vision:
+        ids = [tok.encode(marker) for marker in ("<image>", "<video>")]  # user-defined symbols: one id each
+        model["seq_length"] = 160  # a 6-frame video is 96 placeholders at the tiny preset
+        model["arch"] = "llava"
+        model["vision"] = {"preset": args.vision, "image_token_id": ids[0][0], "video_token_id": ids[1][0],
+                           "video_fps": 1.0, "max_frames": 8}  # fmt: skip
+    return model
+
+
+def _batches(tok, cfg, samples, pad_id):
+    """SFT micro-batches of ``samples`` (text rows, or rows with images with a vision model)."""
+    from copd_megatron.training.media_batches import sft_media_microbatches
+    from copd_megatron.training.sft import sft_microbatches
+
+    mbs = cfg.parallel.micro_batch_size
+    if cfg.model.vision is None:
+        return sft_microbatches(tok, [sft_text(s) for s in samples], mbs, pad_id)
+    return sft_media_microbatches(tok, samples, [sft_text(s)[1] for s in samples], mbs, pad_id)
+
+
+def _samples(cfg, family: str, n: int, level: int, seed: int) -> list:
+    """``n`` samples of ``family``; with a vision model, their media checked and frames sampled."""
+    samples = generate(family, n, level, seed=seed)
+    if cfg.model.vision is not None:
+        from copd_megatron.data.media import resolve_samples
+
+        samples = resolve_samples(samples, cfg.model.vision, f"synthetic:{family}")
+    return samples
+
+
+def make_base(args, out: Path | None = None) -> dict:
+    """Build the base into ``out`` (default ``args.out``; the summary names ``args.out``)."""
     from megatron.core import parallel_state as ps
 
     from copd_megatron.checkpoint.dist_ckpt import save_model
     from copd_megatron.distributed.init import init_model_parallel, set_seed
-    from copd_megatron.model.build import build_model_chunks, transformer_config, wrap_and_optimize
+    from copd_megatron.distributed.groups import shared_groups
+    from copd_megatron.model.build import wrap_and_optimize
+    from copd_megatron.model.provider import make_provider
     from copd_megatron.rollout.evaluate import evaluate
     from copd_megatron.rollout.megatron_engine import MegatronEngine
-    from copd_megatron.training.sft import sft_microbatches
     from copd_megatron.training.step import train_step
 
-    out = Path(args.out)
+    final, out = Path(args.out), Path(out or args.out)
     out.mkdir(parents=True, exist_ok=True)
     difficulty = levels(args.families, args.difficulty)
-    tok = build_tokenizer(out, difficulty, args.vocab_size, args.seed)
+    tok = build_tokenizer(out, difficulty, args.vocab_size, args.seed, ("<image>", "<video>") if args.vision else ())
     cfg = config_from_dict({
         "seed": args.seed, "schedule": {"mode": "smoke"}, "precision": {"params_dtype": "fp32"},
-        "model": {"preset": "tiny", "vocab_size": tok.vocab_size, "seq_length": 64},
+        "model": _model_section(args, tok),
         "optimizer": {"lr": args.lr, "lr_schedule": args.lr_schedule, "min_lr": args.lr / 10, "warmup_steps": 10,
                       "weight_decay": 0.0},
         "parallel": {"micro_batch_size": args.batch},
@@ -117,31 +162,33 @@ def make_base(args) -> dict:
     layout = validate(cfg, torch.distributed.get_world_size())
     init_model_parallel(layout)
     set_seed(cfg.seed)
-    tcfg = transformer_config(cfg.model, cfg.parallel, cfg.precision)
-    chunks = build_model_chunks(cfg.model, cfg.parallel, cfg.precision, tcfg)
-    branch = wrap_and_optimize(chunks, tcfg, cfg.parallel, cfg.precision, cfg.optimizer, args.steps)
+    provider, groups = make_provider(cfg.model, cfg.parallel, cfg.precision), shared_groups()
+    chunks = provider.build_chunks(groups)
+    branch = wrap_and_optimize(chunks, provider.tcfg, cfg.parallel, cfg.precision, cfg.optimizer, args.steps, groups,
+                               provider)  # fmt: skip
     per_family = max(1, args.batch // len(args.families))
-    pools = {f: generate(f, per_family * args.steps, difficulty[f], seed=args.seed) for f in args.families}
-    engine = MegatronEngine(branch.chunks[0], cfg.model.vocab_size, pad_id=tok.pad_id, decode=tok.decode)
-    held_out = {f: (generate(f, args.eval_prompts, difficulty[f], seed=args.eval_seed),
+    pools = {f: _samples(cfg, f, per_family * args.steps, difficulty[f], args.seed) for f in args.families}
+    engine = MegatronEngine(branch.chunks[0], cfg.model.vocab_size, pad_id=tok.pad_id, decode=tok.decode,
+                            provider=provider, groups=groups)  # fmt: skip
+    held_out = {f: (_samples(cfg, f, args.eval_prompts, difficulty[f], args.eval_seed),
                     get_verifier(f"synthetic_{f}")) for f in args.families}  # fmt: skip
 
     def score() -> dict:
         return evaluate(engine, tok, held_out, max_new_tokens=12, stop=["\n"], samples=args.eval_samples,
                         temperature=1.0, seed=args.seed)  # fmt: skip
 
+    progress = Progress("sft", args.steps, logger, unit="steps", every_s=10.0, enabled=torch.distributed.get_rank() == 0)
     for step in range(args.steps):
-        pairs = [sft_text(s) for f in args.families for s in pools[f][step * per_family : (step + 1) * per_family]]
-        mine = pairs[ps.get_data_parallel_rank() :: layout.dp]  # this data-parallel rank's share
-        res = train_step(branch, sft_microbatches(tok, mine, cfg.parallel.micro_batch_size, tok.pad_id))
-        if step % 25 == 0 or step == args.steps - 1:
-            logger.info("sft step %d/%d | loss %.4f", step + 1, args.steps, res.loss)
+        batch = [s for f in args.families for s in pools[f][step * per_family : (step + 1) * per_family]]
+        mine = batch[ps.get_data_parallel_rank() :: layout.dp]  # this data-parallel rank's share
+        res = train_step(branch, _batches(tok, cfg, mine, tok.pad_id))
+        progress.update(note=f"loss {res.loss:.4f}")
         if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
             logger.info("sft step %d held-out: %s", step + 1, _brief(score()))
     scores = score()
     logger.info("sft step %d held-out: %s", args.steps, _brief(scores))
     save_model([c.module for c in branch.chunks], out / "checkpoint", cfg.model, "fp32")
-    summary = {"tokenizer": str(out / "tokenizer.model"), "checkpoint": str(out / "checkpoint"),
+    summary = {"tokenizer": str(final / "tokenizer.model"), "checkpoint": str(final / "checkpoint"),
                "vocab_size": tok.vocab_size, "difficulty": difficulty, "model": dataclasses.asdict(cfg.model),
                "pass@1": {f: v["pass@1"] for f, v in scores.items()},
                **({f"mean@{args.eval_samples}": {f: v[f"mean@{args.eval_samples}"] for f, v in scores.items()}}
@@ -156,15 +203,34 @@ def _brief(scores: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from copd_megatron.config.schema import ConfigError
     from copd_megatron.distributed.init import destroy_distributed, init_distributed, read_dist_env
     from copd_megatron.utils.logging import setup_logging
+    from copd_megatron.utils.outputs import check_output, staged_dir
 
     args = parse_args(argv)
+    try:
+        visual = [f for f in args.families if get_family(f).visual]
+        if visual and not args.vision:
+            raise ConfigError(f"--families {visual} have images; add --vision tiny for a vision-language base")
+    except ConfigError as e:
+        print(f"make_base.py: error: {e}", file=sys.stderr)
+        return 2
     env = read_dist_env()
     setup_logging("INFO", env.rank)
-    init_distributed(env)
     try:
-        summary = make_base(args)
+        check_output(args.out, [], force=args.force)
+    except ConfigError as e:
+        return report_error("make_base.py", e, env.rank)
+    from copd_megatron.distributed.rendezvous import RendezvousError
+
+    try:
+        init_distributed(env)
+    except RendezvousError as e:  # peers that never arrive: one line, not a traceback
+        return report_error("make_base.py", e, env.rank)
+    try:
+        with staged_dir(args.out) as stage:  # a killed run leaves no half-built base under --out
+            summary = make_base(args, stage)
     finally:
         destroy_distributed()
     if env.rank == 0:

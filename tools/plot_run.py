@@ -10,6 +10,8 @@ import argparse
 import json
 from pathlib import Path
 
+from copd_megatron.utils.cli import doc_summary
+
 
 def load(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
@@ -57,7 +59,7 @@ def plot(run_dir: Path, out: Path) -> list[Path]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=doc_summary(__doc__))
     p.add_argument("run_dir", type=Path)
     p.add_argument("--out", type=Path, default=None)
     a = p.parse_args()

@@ -17,7 +17,8 @@ same per-branch budget T = N·(S_RL + S_OPD) updates):
 
 Then ``tools/compare_runs.py`` writes ``table.md`` and ``accuracy.png`` and
 ``tools/plot_mechanism.py`` the transfer, overlap and merge figures. Finished pieces are kept
-(a stopped reproduction resumes); every run logs to ``<run_dir>/train.log``; the driver prints
+(a stopped reproduction resumes; a piece stopped halfway starts over); every run logs to
+``<run_dir>/train.log`` and its output goes to ``<root>/<recipe>/seed<k>.log``; the driver prints
 progress with an ETA (work is counted in branch updates, so the ETA adapts to the machine's
 load) and appends it to ``<root>/progress.log``.
 """
@@ -119,9 +120,10 @@ def plan(a, cfg, py: str) -> list[Job]:
             if name in a.skip:
                 continue
             run = a.root / name / f"seed{seed}"
+            # --force: only unfinished runs are run, and a run stopped halfway starts over.
             cmd = [py, "-m", "copd_megatron.cli", str(a.config), f"seed={seed}", f"run_dir={run}", f"tokenizer={tok}",
-                   f"checkpoint.base={ckpt}", *a.overrides, *extra]  # fmt: skip
-            jobs.append(Job(name, seed, [cmd], run / "eval.json", cost(name, cfg), run / "train.log"))
+                   f"checkpoint.base={ckpt}", *a.overrides, *extra, "--force"]  # fmt: skip
+            jobs.append(Job(name, seed, [cmd], run / "eval.json", cost(name, cfg), _driver_log(run)))
         if "expert" in a.skip:
             continue
         experts = a.root / "expert" / f"seed{seed}" / "checkpoints"
@@ -132,11 +134,18 @@ def plan(a, cfg, py: str) -> list[Job]:
             merge = [py, "-m", "copd_megatron.checkpoint.merge_cli", "--inputs", *inputs, "--base", str(ckpt),
                      "--seed", str(seed), "--out", str(out / "merged"), *merge_args(spec)]  # fmt: skip
             ev = [py, "-m", "copd_megatron.eval_cli", "--checkpoint", str(out / "merged"), "--tokenizer", str(tok), *sets,
-                  "--limit", str(cfg.eval.prompts_per_domain), "--seed", str(cfg.eval.seed), "--samples",
+                  "--limit", str(cfg.eval.prompts_per_domain), "--heldout-seed", str(cfg.eval.seed),
+                  "--seed", str(cfg.eval.seed), "--samples",
                   str(cfg.eval.samples), "--temperature", str(cfg.eval.temperature), "--max-new-tokens",
                   str(cfg.rollout.max_new_tokens), "--out", str(out / "eval.json")]  # fmt: skip
-            jobs.append(Job(f"merge_{spec}", seed, [merge, ev], out / "eval.json", MERGE_COST, out / "train.log"))
+            jobs.append(Job(f"merge_{spec}", seed, [merge, ev], out / "eval.json", MERGE_COST, _driver_log(out)))
     return jobs
+
+
+def _driver_log(run: Path) -> Path:
+    """stdout + stderr of a piece, beside its directory (``<root>/<recipe>/seed<k>.log``): the
+    trainer writes its own ``<run_dir>/train.log``, and a run_dir must hold one run only."""
+    return run.parent / f"{run.name}.log"
 
 
 def _resolve(cmd: list[str]) -> list[str]:
@@ -227,7 +236,7 @@ def main() -> int:
     jobs = plan(a, cfg, py)
     todo = [j for j in jobs if not j.out.exists()]
     progress = Progress(todo, a.root / "progress.log")
-    progress.say(f"{len(todo)} of {len(jobs)} pieces to run ({len(a.seeds)} seeds); logs in <run_dir>/train.log")
+    progress.say(f"{len(todo)} of {len(jobs)} pieces to run ({len(a.seeds)} seeds); output in {a.root}/<recipe>/seed<k>.log")
     for job in todo:
         run_job(job, progress, a.nice, env)
     subprocess.run([py, "tools/compare_runs.py", str(a.root), "--out", str(a.root / "table.md"), "--plot",

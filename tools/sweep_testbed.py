@@ -13,7 +13,8 @@ average while it ran: the CPU is shared, so seconds are noisy and updates are th
 
 Every finished point is appended to ``<out>/results.jsonl`` and skipped when the sweep is run
 again, so a sweep can be stopped and resumed, and widened by calling it with more values.
-Each run's log is ``<out>/<point>/train.log`` (``base.log`` for the base).
+A run's output is ``<out>/runs/<point>/<base>.log`` beside its run_dir (``<out>/bases/<base>.log``
+for a base); a point stopped halfway starts over.
 """
 
 from __future__ import annotations
@@ -100,9 +101,11 @@ def run_point(a, base: Path, difficulty: int, model: str, point: dict) -> dict:
            f"schedule.s_rl={point['steps']}", "schedule.s_opd=0", f"optimizer.lr={point['lr']}",
            f"rollout.group_size={point['G']}", f"rollout.prompts_per_step={point['P']}",
            f"rollout.max_new_tokens={a.max_new_tokens}", f"eval.prompts_per_domain={a.eval_prompts}",
-           f"eval.samples={a.eval_samples}", f"eval.every={a.eval_every}", *a.extra]  # fmt: skip
+           f"eval.samples={a.eval_samples}", f"eval.every={a.eval_every}", *a.extra, "--force"]  # fmt: skip
     load0 = os.getloadavg()[0]
-    wall = _run(cmd, run_dir / "train.log", a.nice)
+    # --force: a point stopped halfway starts over. Its output goes beside the run_dir (the
+    # trainer writes its own train.log inside, and a run_dir holds one run only).
+    wall = _run(cmd, run_dir.parent / f"{run_dir.name}.log", a.nice)
     table = json.loads((run_dir / "eval.json").read_text())["table"]
     curve = {}  # step -> expert -> own-domain sampled pass@1
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():

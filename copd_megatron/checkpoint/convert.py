@@ -245,9 +245,11 @@ def _import_dtype(requested: str, hf_cfg: dict, reader: HFCheckpointReader) -> s
 
 
 def import_hf(
-    hf_dir: Path, out: Path, *, params_dtype: str = "auto", make_vocab_size_divisible_by: int = 128
+    hf_dir: Path, out: Path, *, params_dtype: str = "auto", make_vocab_size_divisible_by: int = 128,
+    final_dir: Path | None = None,
 ) -> ModelConfig:
-    """Convert an HF Llama-3 / Qwen2 / Qwen3 directory to a torch_dist checkpoint in ``out``."""
+    """Convert an HF Llama-3 / Qwen2 / Qwen3 directory to a torch_dist checkpoint in ``out``
+    (``final_dir``: where ``out`` will be renamed to, named in ``model.yaml``; default ``out``)."""
     from copd_megatron.checkpoint.dist_ckpt import save_model
 
     hf_cfg = read_hf_config(hf_dir)
@@ -272,7 +274,7 @@ def import_hf(
         out.mkdir(parents=True, exist_ok=True)
         save_model([chunk], out, m, dtype)
     (out / HF_CONFIG_COPY).write_text(json.dumps(hf_cfg, indent=2))
-    fragment = {"model": dataclasses.asdict(m), "checkpoint": {"base": str(out)}}
+    fragment = {"model": dataclasses.asdict(m), "checkpoint": {"base": str(final_dir or out)}}
     header = f"# copd-convert hf-to-mcore --hf-dir {hf_dir}: paste into a run config (or merge the sections)\n"
     (out / MODEL_FRAGMENT).write_text(header + yaml.safe_dump(fragment, sort_keys=False))
     return m

@@ -13,6 +13,12 @@ Backends: ``builtin`` (ours, the families above); ``bridge`` (Megatron-Bridge, m
 its own checkpoint layout; optional, imported lazily); ``auto`` = builtin for our families,
 bridge for other architectures when it is installed. User mistakes (missing directory or
 file, unsupported architecture or feature, shape mismatch) print one line and exit with 2.
+
+``--out`` is written into a hidden sibling and renamed into place when complete; a
+non-empty ``--out`` is replaced (as a whole) only with ``--force``, and never when it is,
+contains or lies inside the source or ``--tokenizer-dir``. ``--mcore-dir`` may be any
+checkpoint the project writes, a trainer branch checkpoint included (its optimizer state is
+not exported).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import sys
 from pathlib import Path
 
 from copd_megatron.config.schema import ConfigError
+from copd_megatron.utils.cli import OneLineParser
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
@@ -37,7 +44,8 @@ def parse_size(text: str) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="copd-convert", description="Hugging Face <-> Megatron torch_dist checkpoints.")
+    p = OneLineParser(prog="copd-convert", description="Convert checkpoints between Hugging Face safetensors and "
+                      "Megatron torch_dist (Llama-3, Qwen2/2.5, Qwen3 dense; more through Megatron-Bridge).")  # fmt: skip
     sub = p.add_subparsers(dest="cmd", required=True)
     a = sub.add_parser("hf-to-mcore", help="HF safetensors directory -> torch_dist checkpoint")
     a.add_argument("--hf-dir", type=Path, required=True, help="HF model directory (config.json + *.safetensors)")
@@ -62,20 +70,18 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("--backend", choices=["auto", "builtin", "bridge"], default="auto")
         s.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                        help="where the model is built (cpu hides the GPUs from this process)")  # fmt: skip
-        s.add_argument("--force", action="store_true", help="write into a non-empty --out")
+        s.add_argument("--force", action="store_true", help="replace a non-empty --out (never the source)")
     return p
 
 
 def _check_dirs(args: argparse.Namespace) -> None:
+    from copd_megatron.utils.outputs import check_output
+
     src = args.hf_dir if args.cmd == "hf-to-mcore" else args.mcore_dir
     if not src.is_dir():
         raise ConfigError(f"{src}: directory not found")
-    if args.out.exists() and not args.out.is_dir():
-        raise ConfigError(f"--out: {args.out} exists and is not a directory")
-    if args.out.is_dir() and any(args.out.iterdir()) and not args.force:
-        raise ConfigError(f"--out: {args.out} is not empty (pass --force to write into it)")
-    if args.out.resolve() == src.resolve():
-        raise ConfigError("--out: must differ from the source directory")
+    inputs = [src] + [getattr(args, k, None) for k in ("tokenizer_dir", "hf_config", "model_config")]
+    check_output(args.out, inputs, force=args.force)
 
 
 def _backend(args: argparse.Namespace) -> str:
@@ -93,26 +99,33 @@ def _backend(args: argparse.Namespace) -> str:
 
 
 def run(args: argparse.Namespace) -> str:
-    """Do the conversion; returns a one-line summary."""
-    from copd_megatron.checkpoint import convert
+    """Do the conversion into a staging directory renamed to ``--out`` at the end; returns a summary."""
+    from copd_megatron.utils.outputs import staged_dir
 
     backend = _backend(args)
+    if args.cmd == "mcore-to-hf" and backend == "bridge" and args.tokenizer_dir is None:
+        raise ConfigError("--backend bridge: pass --tokenizer-dir, the HF directory of the model's family")
+    max_shard_bytes = parse_size(args.max_shard_size) if args.cmd == "mcore-to-hf" else 0
+    with staged_dir(args.out) as stage:
+        return _convert(args, backend, stage, max_shard_bytes)
+
+
+def _convert(args: argparse.Namespace, backend: str, stage: Path, max_shard_bytes: int) -> str:
+    from copd_megatron.checkpoint import convert
+
     if args.cmd == "hf-to-mcore" and backend == "bridge":
-        convert.import_hf_bridge(args.hf_dir, args.out)
+        convert.import_hf_bridge(args.hf_dir, stage)
         return f"wrote {args.out} (Megatron-Bridge layout)"
     if args.cmd == "hf-to-mcore":
-        m = convert.import_hf(args.hf_dir, args.out, params_dtype=args.dtype,
-                              make_vocab_size_divisible_by=args.make_vocab_size_divisible_by)  # fmt: skip
+        m = convert.import_hf(args.hf_dir, stage, params_dtype=args.dtype,
+                              make_vocab_size_divisible_by=args.make_vocab_size_divisible_by, final_dir=args.out)  # fmt: skip
         return f"wrote {args.out} ({m.num_layers} layers, vocab {m.vocab_size}); config: {args.out / 'model.yaml'}"
     if backend == "bridge":
-        if args.tokenizer_dir is None:
-            raise ConfigError("--backend bridge: pass --tokenizer-dir, the HF directory of the model's family")
-        convert.export_hf_bridge(args.mcore_dir, args.out, args.tokenizer_dir)
+        convert.export_hf_bridge(args.mcore_dir, stage, args.tokenizer_dir)
         return f"wrote {args.out} (Megatron-Bridge)"
     model = convert.load_model_config_yaml(args.model_config) if args.model_config else None
-    files = convert.export_hf(args.mcore_dir, args.out, model=model, arch=args.arch, hf_config=args.hf_config,
-                              tokenizer_dir=args.tokenizer_dir, dtype=args.dtype,
-                              max_shard_bytes=parse_size(args.max_shard_size))  # fmt: skip
+    files = convert.export_hf(args.mcore_dir, stage, model=model, arch=args.arch, hf_config=args.hf_config,
+                              tokenizer_dir=args.tokenizer_dir, dtype=args.dtype, max_shard_bytes=max_shard_bytes)  # fmt: skip
     return f"wrote {args.out} ({len(files)} safetensors file{'s' * (len(files) > 1)} + config.json)"
 
 

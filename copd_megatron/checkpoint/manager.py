@@ -20,20 +20,23 @@ derives its sampling seeds from (seed, branch, step), so results do not depend o
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
 import shutil
 import signal
+import threading
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import yaml
 
-from copd_megatron.checkpoint.dist_ckpt import META_FILE, check_shapes, verify_files, write_meta
+from copd_megatron.checkpoint.dist_ckpt import META_FILE, check_shapes, prepare_writer, verify_files, write_meta
 from copd_megatron.config.schema import ConfigError
+from copd_megatron.distributed.device import any_rank
 from copd_megatron.utils.faults import maybe_die
 
 logger = logging.getLogger(__name__)
@@ -51,19 +54,30 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
-def _layout() -> list[int]:
-    from megatron.core import parallel_state as ps
+def _groups(branch):
+    """The branch's process groups (Megatron's global ones for a branch built without them)."""
+    from copd_megatron.distributed.groups import shared_groups
 
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    return [ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size(), world]
+    g = getattr(branch, "groups", None)
+    return g if g is not None else shared_groups()
+
+
+def _layout(branch) -> list[int]:
+    """(tp, pp, ranks) of the branch: what decides whether per-rank RNG states can be restored."""
+    g = _groups(branch)
+    return [g.tp_size, g.pp_size, len(g.ranks) or (dist.get_world_size() if dist.is_initialized() else 1)]
 
 
 def _branch_sharded_state(branch, is_loading: bool, with_rng: bool = True) -> dict:
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
+    g = _groups(branch)
+    # Replicas are counted over the branch's own data-parallel group (a slice of the world when
+    # branches are disjoint): its rank 0 writes the replicated shards.
+    meta = {"dp_cp_group": g.dp_cp}
     models = [_unwrapped(c) for c in branch.chunks]
-    model_sd = models[0].sharded_state_dict() if len(models) == 1 else {
-        f"model{i}": m.sharded_state_dict() for i, m in enumerate(models)
+    model_sd = models[0].sharded_state_dict(metadata=meta) if len(models) == 1 else {
+        f"model{i}": m.sharded_state_dict(metadata=meta) for i, m in enumerate(models)
     }  # fmt: skip
     flat_model_sd = model_sd if len(models) == 1 else {k: v for sd in model_sd.values() for k, v in sd.items()}
     state = {
@@ -71,60 +85,94 @@ def _branch_sharded_state(branch, is_loading: bool, with_rng: bool = True) -> di
         "optimizer": branch.optimizer.sharded_state_dict(flat_model_sd, is_loading=is_loading, metadata=_OPTIM_META),
         "scheduler": branch.scheduler.state_dict(),  # plain values: saved once as common state
     }
-    if with_rng:  # one object per global rank: only meaningful at an identical layout
-        world = _layout()[2]
-        state["rng"] = ShardedObject("rng_state", {"cpu": torch.get_rng_state()}, (world,), (_rank(),), replica_id=0)
+    if with_rng:  # one object per rank of the branch: only meaningful at an identical layout
+        ranks = g.ranks or list(range(dist.get_world_size() if dist.is_initialized() else 1))
+        state["rng"] = ShardedObject("rng_state", _rng_state(), (len(ranks),), (ranks.index(_rank()),), replica_id=0)
     return state
 
 
-def _dp_group():
+def _rng_state() -> dict:
+    """The CPU generator and Megatron's named model-parallel RNG streams (dropout in TP regions)."""
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    state = {"cpu": torch.get_rng_state(), "tracker": get_cuda_rng_tracker().get_states()}
+    if torch.cuda.is_available() and not _cpu_compat_active():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    torch.set_rng_state(state["cpu"])
+    if "tracker" in state:
+        get_cuda_rng_tracker().set_states(state["tracker"])
+    if "cuda" in state and torch.cuda.is_available() and not _cpu_compat_active():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _cpu_compat_active() -> bool:
+    from copd_megatron.distributed import cpu_compat
+
+    return cpu_compat.is_active()
+
+
+def _dp_group(groups):
     """The group over which a branch's shards are replicated (data parallel, with context
     parallel), or None when there is no replication to spread."""
-    from megatron.core import parallel_state as ps
-
-    if not dist.is_initialized() or ps.get_data_parallel_world_size(with_context_parallel=True) == 1:
+    if groups is None or not dist.is_initialized() or dist.get_world_size(groups.dp_cp) == 1:
         return None
-    return ps.get_data_parallel_group(with_context_parallel=True)
+    return groups.dp_cp
 
 
-def _save_strategy(fully_parallel: bool):
+def _save_strategy(fully_parallel: bool, groups=None):
     """torch_dist; with ``fully_parallel`` the replicated shards' writes are spread over the DP
     ranks (a greedy balance computed from metadata only: no tensor data moves)."""
     from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
     from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
 
     strategy = get_default_save_sharded_strategy("torch_dist")
-    group = _dp_group() if fully_parallel else None
+    group = _dp_group(groups) if fully_parallel else None
     # A new wrapper per save (no cached distribution): branches may differ, and a cache keyed
     # on an old state-dict structure would assign shards wrongly.
     return FullyParallelSaveStrategyWrapper(strategy, group) if group is not None else strategy
 
 
-def _load_strategy(ckpt_dir: Path, fully_parallel: bool):
+def _load_strategy(ckpt_dir: Path, fully_parallel: bool, groups=None):
     """Megatron's default loader for the directory; with ``fully_parallel`` each DP rank reads a
     part of the replicated shards and they are exchanged over the DP group."""
     from megatron.core.dist_checkpointing.serialization import get_default_load_sharded_strategy
     from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelLoadStrategyWrapper
 
     strategy = get_default_load_sharded_strategy(str(ckpt_dir))
-    group = _dp_group() if fully_parallel else None
+    group = _dp_group(groups) if fully_parallel else None
     return FullyParallelLoadStrategyWrapper(strategy, group) if group is not None else strategy
 
 
 def save_branch(
     branch, ckpt_dir: Path, model_cfg=None, params_dtype: str | None = None, async_save: bool = False,
-    fully_parallel: bool = True,
+    fully_parallel: bool = True, common_state: dict | None = None, state: dict | None = None,
 ):  # fmt: skip
-    """Save one branch (collective). Returns a megatron AsyncRequest when ``async_save``."""
+    """Save one branch (collective over the world). Returns a megatron AsyncRequest when ``async_save``.
+
+    ``branch=None``: this rank does not hold the branch (disjoint placement) and takes part with no
+    shards; ``common_state`` (the non-tensor part of the branch's state: optimizer param groups,
+    LR scheduler, shared by its ranks) keeps the common part identical on every rank, so rank 0
+    writes it whichever branch it holds. ``state``: the branch's sharded state if already built."""
     from megatron.core import dist_checkpointing
 
+    prepare_writer()  # Megatron's writer helpers exit if this process is killed
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    req = dist_checkpointing.save(
-        _branch_sharded_state(branch, is_loading=False), str(ckpt_dir), sharded_strategy=_save_strategy(fully_parallel),
-        async_sharded_save=async_save, async_strategy="mcore",
-    )  # fmt: skip
-    tp, pp, world = _layout()
-    write_meta(ckpt_dir, model_cfg, params_dtype, {"tp": tp, "pp": pp, "world": world})
+    if branch is None:
+        state, strategy = common_state, _save_strategy(False)
+    else:
+        state = state if state is not None else _branch_sharded_state(branch, is_loading=False)
+        strategy = _save_strategy(fully_parallel, _groups(branch))
+    req = dist_checkpointing.save(state, str(ckpt_dir), sharded_strategy=strategy, async_sharded_save=async_save,
+                                  async_strategy="mcore")  # fmt: skip
+    if branch is not None and _rank() == (_groups(branch).ranks or [0])[0]:  # the branch's first rank
+        tp, pp, ranks = _layout(branch)
+        write_meta(ckpt_dir, model_cfg, params_dtype, {"tp": tp, "pp": pp, "world": ranks}, writer=True)
     return req
 
 
@@ -171,18 +219,22 @@ def _unshare_step_tensors(optimizer) -> None:
 
 
 def load_branch(branch, ckpt_dir: Path, fully_parallel: bool = False) -> None:
-    """Load model weights, optimizer state, LR scheduler (and RNG at the same layout) in place."""
+    """Load model weights, optimizer state, LR scheduler (and RNG at the same layout) in place.
+    Collective over the branch's own ranks only (reads are per rank; the integrity check gathers
+    over the branch)."""
     from megatron.core import dist_checkpointing
 
+    g = _groups(branch)
     saved = (yaml.safe_load((ckpt_dir / META_FILE).read_text()) or {}).get("layout") or {}
-    same_layout = [saved.get("tp"), saved.get("pp"), saved.get("world")] == _layout()
+    same_layout = [saved.get("tp"), saved.get("pp"), saved.get("world")] == _layout(branch)
     models = [_unwrapped(c) for c in branch.chunks]
     for i, m in enumerate(models):  # shapes first: nothing is loaded from a mismatched checkpoint
         check_shapes(m.sharded_state_dict() if len(models) == 1 else {f"model{i}": m.sharded_state_dict()}, ckpt_dir)
     _materialise_optimizer_state(branch.optimizer)
     _tolerate_missing_step(branch.optimizer)
     state = dist_checkpointing.load(_branch_sharded_state(branch, True, with_rng=same_layout), str(ckpt_dir),
-                                    sharded_strategy=_load_strategy(ckpt_dir, fully_parallel))  # fmt: skip
+                                    sharded_strategy=_load_strategy(ckpt_dir, fully_parallel, g),
+                                    process_group=g.world)  # fmt: skip
     if len(models) == 1:
         models[0].load_state_dict(state["model"], strict=True)
     else:
@@ -192,26 +244,71 @@ def load_branch(branch, ckpt_dir: Path, fully_parallel: bool = False) -> None:
     _unshare_step_tensors(branch.optimizer)
     branch.scheduler.load_state_dict(state["scheduler"])
     if same_layout:
-        torch.set_rng_state(state["rng"]["cpu"])
+        _set_rng_state(state["rng"])
+
+
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+@contextlib.contextmanager
+def children_block(signals=PREEMPTION_SIGNALS):
+    """Processes started inside this block never receive ``signals``; this process still does.
+
+    Slurm delivers a job-step signal (``--signal``, ``scancel --signal``, the time limit's
+    SIGTERM) to *every* process of the step, not only to the ranks. Megatron's checkpoint writer
+    talks to a helper process (a ``multiprocessing`` manager started with ``spawn``, which resets
+    handled signals to their default action: terminate); killed by the preemption signal, it
+    breaks the very save that signal asks for. The signal mask survives ``fork`` and ``exec``, so
+    a helper started while the main thread blocks the signals keeps them blocked for life (pending,
+    never acted on; SIGKILL still ends it). This process loses nothing: the mask is per thread,
+    so the kernel hands the signal to another thread, or holds it until the block ends, and
+    Python runs the handler in the main thread either way.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    try:
+        # CPython starts its resource tracker on the first spawn and unblocks SIGINT/SIGTERM in
+        # the calling thread afterwards: start it now (it inherits the block), then block again.
+        from multiprocessing import resource_tracker
+
+        resource_tracker.ensure_running()
+        signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+
+
+def start_checkpoint_helpers() -> None:
+    """Start Megatron's checkpoint-writer helper now, deaf to the preemption signals (see
+    :func:`children_block`) and bound to this process's life (``prepare_writer``: it is SIGKILLed
+    when this process dies); later saves reuse it."""
+    from megatron.core.dist_checkpointing.strategies.filesystem_async import get_write_results_queue
+
+    with children_block():
+        prepare_writer()
+        get_write_results_queue()
 
 
 class PreemptionFlag:
-    """Set by SIGTERM / SIGUSR1 (what Slurm sends before a time limit); checked between steps."""
+    """Set by SIGTERM / SIGUSR1 (what Slurm sends before a time limit); checked between steps.
 
-    def __init__(self, signals=(signal.SIGTERM, signal.SIGUSR1)) -> None:
+    Also starts the checkpoint-writer helper with those signals blocked, so that the save they
+    trigger can complete when Slurm signals every process of the job step."""
+
+    def __init__(self, signals=PREEMPTION_SIGNALS) -> None:
         self.received: int | None = None
         for sig in signals:
             signal.signal(sig, self._handler)
+        start_checkpoint_helpers()
 
     def _handler(self, signum, frame) -> None:
         self.received = signum
 
     def should_stop(self) -> bool:
         """True on every rank if any rank received a signal (all ranks must save together)."""
-        flag = torch.tensor([1.0 if self.received is not None else 0.0])
-        if dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        return any_rank(self.received is not None)  # a MAX over the world, on the runtime device
 
 
 class CheckpointManager:
@@ -225,6 +322,8 @@ class CheckpointManager:
         self.keep_last, self.keep_every, self.async_save = keep_last, keep_every, async_save
         self.fully_parallel_save, self.fully_parallel_load = fully_parallel_save, fully_parallel_load
         self._queue = None
+        self._resumed_from: Path | None = None  # the iteration directory load() read
+        self._last_saved: int | None = None
         if async_save:
             from megatron.core.dist_checkpointing.strategies.async_utils import (
                 AsyncCallsQueue,
@@ -233,16 +332,37 @@ class CheckpointManager:
             self._queue = AsyncCallsQueue()
 
     # -- saving -------------------------------------------------------------------------------
-    def save(self, iteration: int, branches: dict, run_state: dict, model_cfg=None, params_dtype=None) -> None:
-        """Collective. The checkpoint becomes visible (``latest``) only once complete everywhere."""
+    def save(self, iteration: int, branches: dict, run_state: dict, model_cfg=None, params_dtype=None,
+             owners: dict[str, list[int]] | None = None) -> None:  # fmt: skip
+        """Collective over the world. The checkpoint becomes visible (``latest``) only once complete
+        everywhere. ``branches``: every branch of the run; ``None`` for one this rank does not hold
+        (disjoint placement), whose ``owners`` (global ranks) then share its scheduler state."""
         self.wait()  # at most one save in flight: never two writers on the same files
         it_dir = self.save_dir / f"iter_{iteration:07d}"
+        if iteration == self._last_saved or (self._resumed_from is not None and it_dir.resolve() == self._resumed_from):
+            # Nothing was trained since: this iteration is on disk, complete. Rewriting it would
+            # delete the checkpoint `latest` names (the one this run resumed from) first.
+            logger.info("checkpoint %s is already saved", it_dir)
+            return
+        self._last_saved = iteration
         if _rank() == 0 and it_dir.exists():
             shutil.rmtree(it_dir)  # a stale, incomplete attempt at the same iteration
         if dist.is_initialized():
             dist.barrier()
-        requests = [save_branch(b, it_dir / name, model_cfg, params_dtype, self.async_save, self.fully_parallel_save)
-                    for name, b in branches.items()]  # fmt: skip
+        requests = []
+        for name, b in branches.items():
+            state = _branch_sharded_state(b, is_loading=False) if b is not None else None
+            common = None
+            if owners is not None and dist.is_initialized():
+                from megatron.core.dist_checkpointing.utils import extract_sharded_base
+
+                # The non-tensor part (optimizer param groups, scheduler) from the branch's first rank
+                # to every rank: rank 0 writes it whichever branch it holds.
+                box = [extract_sharded_base(state)[1] if b is not None else None]
+                dist.broadcast_object_list(box, src=owners[name][0])
+                common = box[0]
+            requests.append(save_branch(b, it_dir / name, model_cfg, params_dtype, self.async_save,
+                                        self.fully_parallel_save, common_state=common, state=state))  # fmt: skip
         # Snapshot now: with async saves the caller's run state moves on before finalize runs.
         snapshot = json.dumps({**run_state, "iteration": iteration}, indent=1)
 
@@ -292,14 +412,7 @@ class CheckpointManager:
     # -- loading ------------------------------------------------------------------------------
     def resolve(self, load_dir: str | Path) -> Path:
         """The complete iteration directory to resume from: ``load_dir`` itself or its ``latest``."""
-        path = Path(load_dir)
-        if (path / "latest").is_file():
-            path = path / (path / "latest").read_text().strip()
-        if not path.is_dir():
-            raise ConfigError(f"checkpoint.load_dir: {path} does not exist")
-        if not (path / "COMPLETE").is_file():
-            raise ConfigError(f"checkpoint.load_dir: {path} is incomplete (no COMPLETE marker); it was never finished")
-        return path
+        return resolve_iteration_dir(load_dir)
 
     def read_run_state(self, load_dir: str | Path) -> dict:
         """The run state of the checkpoint ``load`` would resume (reads one small file)."""
@@ -315,9 +428,35 @@ class CheckpointManager:
             verify_files(it_dir / name)
         run_state = json.loads((it_dir / "run_state.json").read_text())
         for name, branch in branches.items():
-            load_branch(branch, it_dir / name, self.fully_parallel_load)
+            if branch is not None:  # a branch this rank holds (its own ranks load it together)
+                load_branch(branch, it_dir / name, self.fully_parallel_load)
+        self._resumed_from = it_dir.resolve()
         logger.info("resumed from %s (iteration %d)", it_dir, run_state["iteration"])
         return run_state
+
+
+def resolve_iteration_dir(load_dir: str | Path) -> Path:
+    """The complete iteration directory ``checkpoint.load_dir`` names (itself, or its save
+    directory's ``latest``), or a one-line error saying what the path is instead."""
+    path = Path(load_dir)
+    if not path.exists():
+        raise ConfigError(f"checkpoint.load_dir: {path} does not exist")
+    if not path.is_dir():
+        raise ConfigError(f"checkpoint.load_dir: {path} is a file; expected a save directory or an iter_* directory")
+    if (path / "latest").is_file():
+        path = path / (path / "latest").read_text().strip()
+        if not path.is_dir():
+            raise ConfigError(f"checkpoint.load_dir: {path}, named by {path.parent / 'latest'}, does not exist")
+    if (path / "COMPLETE").is_file():
+        return path
+    if (path / "metadata.json").is_file():
+        raise ConfigError(f"checkpoint.load_dir: {path} holds one model's weights, not a run to resume; to start from "
+                          "them set checkpoint.base instead")  # fmt: skip
+    if _ITER.match(path.name) or (path / "run_state.json").exists():
+        raise ConfigError(f"checkpoint.load_dir: {path} is incomplete (no COMPLETE marker); the save never finished, "
+                          f"resume from an earlier iteration or from {path.parent}")  # fmt: skip
+    raise ConfigError(f"checkpoint.load_dir: {path} is not a checkpoint; expected a save directory with a 'latest' "
+                      "file (e.g. runs/x/checkpoints) or one of its iter_NNNNNNN directories")  # fmt: skip
 
 
 def _atomic_write(path: Path, text: str) -> None:

@@ -13,13 +13,18 @@ magnitude threshold is found by bisection with all-reduced counts over the tenso
 group, and DARE's drop mask hashes global element indices, so the result does not depend on
 the layout. Inputs with a different architecture or tensor shapes are refused before
 anything is loaded.
+
+Inputs and ``--base`` may be any checkpoint the project writes (a trainer branch checkpoint,
+whose optimizer state is ignored, a merge, a base, an import from Hugging Face), at any
+layout. ``--out`` is written into a hidden sibling and renamed into place when complete; an
+existing non-empty ``--out`` is replaced only with ``--force``, and never when it is (or
+contains, or lies inside) one of the inputs.
 """
 
 from __future__ import annotations
 
-import argparse
+import logging
 import sys
-from pathlib import Path
 
 import torch
 
@@ -29,13 +34,21 @@ from copd_megatron.checkpoint.merge import (
     global_index,
     merge_tensor,
 )
+from copd_megatron.utils.outputs import check_output
+from copd_megatron.utils.progress import Progress
 from copd_megatron.config.schema import ConfigError
+from copd_megatron.utils.cli import OneLineParser, launcher_env_problem, report_error
+
+logger = logging.getLogger("copd-merge")
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="copd-merge", description="Merge branch checkpoints (torch_dist) shard by shard.")
-    p.add_argument("--inputs", nargs="+", required=True, help="branch checkpoint directories")
-    p.add_argument("--out", required=True, help="output checkpoint directory")
+def _parser() -> OneLineParser:
+    p = OneLineParser(prog="copd-merge", description="Merge branch checkpoints (torch_dist, any TP/PP layout) "
+                      "shard by shard into one checkpoint.")  # fmt: skip
+    p.add_argument("--inputs", nargs="+", required=True,
+                   help="checkpoint directories: trainer branches (runs/x/checkpoints/iter_N/<branch>), merges, bases")
+    p.add_argument("--out", required=True, help="output checkpoint directory (new or empty; see --force)")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out (never one of the inputs)")
     p.add_argument("--method", default="average", choices=METHODS)
     p.add_argument("--weights", type=float, nargs="+", help="one weight per input (default uniform)")
     p.add_argument("--base", help="shared base checkpoint (task_arithmetic, ties, dare, dare_ties)")
@@ -48,27 +61,33 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+# Model fields that do not change the weights' meaning (training-time settings).
+_NOT_ARCHITECTURE = {"preset", "hidden_dropout", "attention_dropout", "init_method_std"}
+
+
 def _model_tensors(ckpt_dir: str) -> dict:
-    """Tensor metadata of the model weights only: a trainer's branch checkpoint also holds the
-    optimizer state (``optimizer.*``), which a merge never reads and a base from make_base or
-    copd-merge does not have."""
+    """Global metadata of the model tensors (a trainer checkpoint's optimizer state left out)."""
     from megatron.core import dist_checkpointing
 
-    return {k: v for k, v in dist_checkpointing.load_tensors_metadata(ckpt_dir).items() if not k.startswith("optimizer.")}
+    from copd_megatron.checkpoint.dist_ckpt import TRAINER_STATE_PREFIXES
+
+    meta = dist_checkpointing.load_tensors_metadata(ckpt_dir)
+    return {k: v for k, v in meta.items() if not k.startswith(TRAINER_STATE_PREFIXES)}
 
 
-def check_compatible(dirs: list[str]) -> None:
-    """Same architecture and identical weight keys and global shapes, or a one-line error."""
-    from copd_megatron.checkpoint.dist_ckpt import read_meta, verify_files
+def check_compatible(dirs: list[str], flags: list[str] | None = None) -> None:
+    """Readable checkpoints with the same architecture and identical model tensor keys and
+    global shapes, or a one-line error naming the flag (``--inputs`` / ``--base``)."""
+    from copd_megatron.checkpoint.dist_ckpt import check_weights_dir, read_meta
 
-    for d in dirs:
-        verify_files(d)
+    for d, flag in zip(dirs, flags or ["--inputs"] * len(dirs)):
+        check_weights_dir(d, flag)
     ref_model, _ = read_meta(dirs[0])
     ref_meta = _model_tensors(dirs[0])
     for d in dirs[1:]:
         model, _ = read_meta(d)
         for field, value in vars(ref_model).items():
-            if field != "preset" and getattr(model, field) != value:
+            if field not in _NOT_ARCHITECTURE and getattr(model, field) != value:
                 raise ConfigError(
                     f"{d}: architecture differs from {dirs[0]}: model.{field} is {getattr(model, field)!r}, not {value!r}"
                 )
@@ -103,15 +122,13 @@ def _set(tree, path, value):
 
 def _load_shards(chunk, ckpt_dir: str) -> dict:
     """This rank's shards of ``ckpt_dir`` at the model's layout, factories left split (cloned)."""
-    from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.mapping import apply_factories
+
+    from copd_megatron.checkpoint.dist_ckpt import load_weights
 
     sd = chunk.sharded_state_dict()
     apply_factories(sd)
-    loaded = dist_checkpointing.load(sd, ckpt_dir)
-    # A trainer's branch checkpoint also returns its common (non-sharded) state: the scheduler
-    # and the optimizer's param groups. Only the model's own entries belong to the merge.
-    loaded = {k: v for k, v in loaded.items() if k in sd}
+    loaded = load_weights(sd, ckpt_dir)  # the one weights path: any checkpoint kind, any layout
     for path, leaf in list(_leaves(loaded)):
         if isinstance(leaf, torch.Tensor):
             _set(loaded, path, leaf.detach().clone())  # loads may alias the model's parameters
@@ -129,11 +146,14 @@ def _shard_threshold(tau: torch.Tensor, density: float, whole: bool) -> float:
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
+    from copd_megatron.distributed.device import runtime_device
+
     group = None if whole else ps.get_tensor_model_parallel_group()
     a = tau.abs().flatten().double()
 
     def reduce(t: torch.Tensor, op) -> torch.Tensor:
         if group is not None:
+            t = t.to(runtime_device())  # collectives on the runtime device (NCCL takes CUDA tensors only)
             dist.all_reduce(t, op=op, group=group)  # shards of one tensor live on the TP group
         return t
 
@@ -166,9 +186,10 @@ def merge_chunk(chunk, args) -> dict:
     inputs = [_load_shards(chunk, d) for d in args.inputs]
     base = _load_shards(chunk, args.base) if args.base else None
     merged = inputs[0]
-    for path, sh in _leaves(template):
-        if not isinstance(sh, ShardedTensor):
-            continue  # non-tensor state (e.g. _extra_state) is taken from the first input
+    leaves = [(path, sh) for path, sh in _leaves(template) if isinstance(sh, ShardedTensor)]
+    # Non-tensor state (e.g. _extra_state) is taken from the first input.
+    progress = Progress(f"merge ({args.method})", len(leaves), logger, unit="tensors", enabled=_rank() == 0)
+    for path, sh in leaves:
         xs = [_get(t, path) for t in inputs]
         b = _get(base, path) if base is not None else None
         local = (1,) * sh.prepend_axis_num + tuple(xs[0].shape)
@@ -181,7 +202,14 @@ def merge_chunk(chunk, args) -> dict:
             seed=args.seed, key=sh.key, index=index, ties_thresholds=thresholds,
         )  # fmt: skip
         _set(merged, path, out)
+        progress.update(note=sh.key)
     return apply_factory_merges(merged, factories)
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_initialized() else 0
 
 
 def _get(tree, path):
@@ -206,6 +234,9 @@ def run_merge(args) -> None:
 def validate_args(args) -> None:
     if len(args.inputs) < 2:
         raise ConfigError("--inputs: need at least 2 checkpoints to merge")
+    if args.method not in NEEDS_BASE and args.base:
+        raise ConfigError(f"--base: --method {args.method} does not use a base; drop --base or pick one of "
+                          f"{sorted(NEEDS_BASE)}")  # fmt: skip
     if args.method in NEEDS_BASE and not args.base:
         raise ConfigError(f"--method {args.method}: needs --base (the checkpoint the branches started from)")
     if args.weights is not None and len(args.weights) != len(args.inputs):
@@ -214,10 +245,11 @@ def validate_args(args) -> None:
         raise ConfigError(f"--density: {args.density} must be in (0, 1]")
     if not 0 <= args.drop_p < 1:
         raise ConfigError(f"--drop-p: {args.drop_p} must be in [0, 1)")
-    for d in args.inputs + ([args.base] if args.base else []):
-        if not Path(d).is_dir():
-            raise ConfigError(f"{d}: checkpoint directory not found")
-    check_compatible(args.inputs + ([args.base] if args.base else []))
+    if args.tp < 1 or args.pp < 1:
+        raise ConfigError(f"--tp/--pp: {args.tp}/{args.pp}; expected positive integers")
+    sources = args.inputs + ([args.base] if args.base else [])
+    check_output(args.out, sources, force=args.force)
+    check_compatible(sources, ["--inputs"] * len(args.inputs) + ["--base"] * bool(args.base))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -232,8 +264,11 @@ def main(argv: list[str] | None = None) -> int:
     from copd_megatron.utils.logging import setup_logging
 
     args = _parser().parse_args(argv)
+    problem = launcher_env_problem()
+    if problem:
+        return report_error("copd-merge", problem, 0)
     env = read_dist_env()
-    setup_logging("WARNING", env.rank)
+    setup_logging("INFO", env.rank)
     try:
         validate_args(args)
         from copd_megatron.checkpoint.dist_ckpt import read_meta
@@ -241,16 +276,22 @@ def main(argv: list[str] | None = None) -> int:
 
         layout = resolve_layout(ParallelConfig(tp=args.tp, pp=args.pp), read_meta(args.inputs[0])[0], env.world_size)
     except ConfigError as e:
-        print(f"copd-merge: error: {e}", file=sys.stderr)
-        return 2
+        return report_error("copd-merge", e, env.rank)
     import torch.distributed as dist
 
     owns_group = not dist.is_initialized()  # called from Python inside a running job: leave it up
-    init_distributed(env)
+    from copd_megatron.distributed.rendezvous import RendezvousError
+
+    try:
+        init_distributed(env)
+    except RendezvousError as e:  # peers that never arrive: one line, not a traceback
+        return report_error("copd-merge", e, env.rank)
     try:
         init_model_parallel(layout)
         set_seed(args.seed)  # Megatron's RNG tracker must exist to build; the weights are then loaded
         run_merge(args)
+    except ConfigError as e:  # found while loading (every rank sees the same files)
+        return report_error("copd-merge", e, env.rank)
     finally:
         if owns_group:
             destroy_distributed()

@@ -61,6 +61,8 @@ def resolve_layout(parallel: ParallelConfig, model: ModelConfig, world_size: int
             f"(model.vocab_size={model.vocab_size} rounded up to model.make_vocab_size_divisible_by="
             f"{model.make_vocab_size_divisible_by}); raise make_vocab_size_divisible_by to a multiple of tp"
         )
+    if model.vision is not None:
+        _check_vision(parallel, model)
     stages = parallel.pp * (parallel.vpp or 1)
     if model.num_layers % stages:
         what = "pp" if parallel.vpp is None else "pp*vpp"
@@ -95,6 +97,29 @@ def resolve_layout(parallel: ParallelConfig, model: ModelConfig, world_size: int
         if (dp * parallel.cp) % parallel.ep:
             raise ConfigError(f"parallel.ep: {parallel.ep} does not divide dp*cp = {dp * parallel.cp}")
     return Layout(world_size, parallel.tp, parallel.pp, parallel.cp, parallel.ep, dp, parallel.vpp)
+
+
+def _check_vision(parallel: ParallelConfig, model: ModelConfig) -> None:
+    """TP shards the ViT's heads and MLP and the projector's MLP like the language model's.
+
+    Megatron-Core's LLaVAModel needs Transformer Engine's attention for sequence and context
+    parallelism, and our VLM forward does not shard the merged embeddings over the sequence:
+    both are refused rather than silently run unsharded."""
+    v, tp = model.vision, parallel.tp
+    sizes = {
+        "model.vision.num_attention_heads": v.num_attention_heads,
+        "model.vision.ffn_hidden_size": v.ffn_hidden_size,
+        "model.vision.projector_ffn_hidden_size": v.projector_ffn_hidden_size or model.hidden_size,
+    }
+    for key, size in sizes.items():
+        if size % tp:
+            raise ConfigError(f"parallel.tp: {tp} does not divide {key}={size}; allowed tp values: {_divisors(size)}")
+    if parallel.sequence_parallel or parallel.cp > 1:
+        key = "parallel.sequence_parallel" if parallel.sequence_parallel else "parallel.cp"
+        raise ConfigError(f"{key}: sequence and context parallelism are not supported with model.vision yet; "
+                          "set parallel.sequence_parallel=false and parallel.cp=1")  # fmt: skip
+    if parallel.vpp is not None:
+        raise ConfigError("parallel.vpp: virtual pipeline stages are not supported with model.vision yet; set null")
 
 
 def _divisors(n: int) -> list[int]:

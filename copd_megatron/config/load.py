@@ -12,6 +12,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import json
+import re
 import types
 import typing
 from pathlib import Path
@@ -19,7 +21,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from copd_megatron.config.presets import PRESETS
+from copd_megatron.config.presets import PRESETS, VISION_PRESETS
 from copd_megatron.config.schema import Config, ConfigError
 
 
@@ -43,6 +45,9 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
+        others = [a for a in args if a is not type(None)]
+        if len(others) == 1 and dataclasses.is_dataclass(others[0]):
+            return _convert(value, others[0], key)  # an optional section: its own errors name the field
         errors = []
         for arg in (a for a in args if a is not type(None)):
             try:
@@ -96,12 +101,21 @@ def _yaml11_float(text: str) -> float | str:
         return text
 
 
+# Keys that moved to another section: the error says where they live now.
+MOVED = {
+    "schedule.opd_loss": "opd.loss", "schedule.jsd_beta": "opd.jsd_beta", "schedule.opd_topk": "opd.topk",
+    "schedule.merge": "merge.method", "optimizer.offload_inactive": "memory.offload_optimizer",
+}  # fmt: skip
+
+
 def _build(cls: type, data: dict, prefix: str) -> Any:
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     for k in data:
         if k not in names:
             where = f"{prefix}.{k}" if prefix else str(k)
+            if where in MOVED:
+                raise ConfigError(f"{where}: this key moved; write it as {MOVED[where]}")
             close = difflib.get_close_matches(str(k), names, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise ConfigError(f"{where}: unknown key{hint}; allowed: {', '.join(names)}")
@@ -111,7 +125,7 @@ def _build(cls: type, data: dict, prefix: str) -> Any:
 
 def _apply_override(tree: dict, item: str) -> None:
     if "=" not in item:
-        raise ConfigError(f"override {item!r}: expected dotted key=value, e.g. parallel.tp=2")
+        raise ConfigError("expected dotted key=value, e.g. parallel.tp=2")
     key, raw = item.split("=", 1)
     try:
         value = yaml.safe_load(raw) if raw != "" else ""
@@ -154,16 +168,49 @@ def _apply_preset(tree: dict) -> None:
     tree["model"] = {**PRESETS[name], **model}
 
 
+def _apply_vision_preset(tree: dict) -> None:
+    """Fill ``model.vision`` from its preset; explicit vision keys win over the preset."""
+    vision = tree.get("model", {}).get("vision") if isinstance(tree.get("model"), dict) else None
+    if not isinstance(vision, dict) or vision.get("preset") is None:
+        return
+    name = vision["preset"]
+    if name not in VISION_PRESETS:
+        raise ConfigError(f"model.vision.preset: unknown preset {name!r}; expected one of "
+                          f"{', '.join(sorted(VISION_PRESETS))}")  # fmt: skip
+    tree["model"]["vision"] = {**VISION_PRESETS[name], **vision}
+
+
 def config_from_dict(tree: dict, overrides: list[str] | None = None, source: str = "<dict>") -> Config:
-    """Build a validated-per-field :class:`Config` from a plain mapping plus overrides."""
+    """Build a validated-per-field :class:`Config` from a plain mapping plus overrides.
+
+    An error is blamed on what caused it: ``override KEY=VALUE: ...`` when an override set the
+    offending key (or is named in the message), else ``SOURCE: ...`` (the YAML file)."""
     tree = copy.deepcopy(tree)  # overrides must not leak into the caller's mapping
-    try:
-        for item in overrides or []:
+    for item in overrides or []:
+        try:
             _apply_override(tree, item)
+        except ConfigError as e:
+            raise ConfigError(f"override {item}: {e}") from None
+    try:
         _apply_preset(tree)
+        _apply_vision_preset(tree)
         return _build(Config, tree, "")
     except ConfigError as e:
-        raise ConfigError(f"{source}: {e}") from None
+        raise ConfigError(f"{_blame(str(e), overrides or [], source)}: {e}") from None
+
+
+def _blame(message: str, overrides: list[str], source: str) -> str:
+    """``override ITEM`` if an override set the key the message is about, else ``source``."""
+    match = re.match(r"([\w.\-]+):", message)
+    key = match.group(1) if match else ""
+    keys = [(item.split("=", 1)[0].strip(), item) for item in overrides]
+    for k, item in reversed(keys):  # the last override of a key is the one that counts
+        if key and (key == k or key.startswith(k + ".") or k.startswith(key + ".")):
+            return f"override {item}"
+    for k, item in reversed(keys):
+        if re.search(rf"(?<![\w.]){re.escape(k)}(?![\w])", message):
+            return f"override {item}"
+    return source
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
@@ -196,15 +243,50 @@ def dump_config(cfg: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
 
-# Sections that may change when a run resumes (layout, output, logging, length).
-_RESUMABLE = {"parallel", "checkpoint", "logging", "run_dir", "name"}
+# What may change when a run resumes (layout, outputs, logging, memory offload, the smoke recipe's length).
+_RESUMABLE = {"parallel", "checkpoint", "logging", "memory", "run_dir", "name"}
+RESUMABLE_TEXT = "parallel.*, checkpoint.*, logging.*, memory.*, run_dir, name and schedule.train_steps"
+
+
+def experiment_dict(cfg: Config) -> dict:
+    """Everything that defines the experiment (not the layout or outputs), as JSON data."""
+    tree = {k: v for k, v in config_to_dict(cfg).items() if k not in _RESUMABLE}
+    if tree["model"].get("vision") is None:  # text-only runs hash as they did before the field existed
+        tree["model"].pop("vision", None)
+    tree["schedule"] = {k: v for k, v in tree["schedule"].items() if k != "train_steps"}
+    return json.loads(json.dumps(tree))
 
 
 def config_hash(cfg: Config) -> str:
-    """A short hash of everything that defines the experiment (not the layout or outputs)."""
+    """A short hash of :func:`experiment_dict`, stored in every checkpoint's run state."""
     import hashlib
-    import json
 
-    tree = {k: v for k, v in config_to_dict(cfg).items() if k not in _RESUMABLE}
-    tree["schedule"] = {k: v for k, v in tree["schedule"].items() if k != "train_steps"}
-    return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(experiment_dict(cfg), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def check_resume(cfg: Config, run_state: dict, where: str) -> None:
+    """Refuse to resume a checkpoint written by another experiment config, naming the first key
+    that differs (checkpoints record their experiment config; older ones only its hash)."""
+    if run_state.get("config_hash") == config_hash(cfg):
+        return
+    saved, now = run_state.get("experiment"), experiment_dict(cfg)
+    diffs = _differences(saved, now) if isinstance(saved, dict) else []
+    if diffs:
+        key, old, new = diffs[0]
+        more = f" (and {len(diffs) - 1} more)" if len(diffs) > 1 else ""
+        what = f"{key} is {old!r} there and {new!r} now{more}"
+    else:
+        what = f"config hash {run_state.get('config_hash')} there, {config_hash(cfg)} now"
+    raise ConfigError(f"checkpoint.load_dir: {where} was written by a different experiment config: {what}; "
+                      f"only {RESUMABLE_TEXT} may change on resume")  # fmt: skip
+
+
+def _differences(a, b, prefix: str = "") -> list[tuple[str, object, object]]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in list(a) + [k for k in b if k not in a]:
+            out += _differences(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else str(k))
+        return out
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in _differences(x, y, f"{prefix}.{i}")]
+    return [] if a == b else [(prefix, a, b)]

@@ -1,6 +1,8 @@
-"""Model shape presets: the published shapes of dense Llama-3 / Qwen2.5 / Qwen3 models.
+"""Model shape presets: the published shapes of dense Llama-3 / Qwen2.5 / Qwen3 models, and of
+vision towers for ``model.vision``.
 
-A preset fills every ``model.*`` field; keys written next to ``preset`` in a config override it.
+A preset fills every ``model.*`` field (``VISION_PRESETS``: every ``model.vision.*`` field); keys
+written next to ``preset`` in a config override it.
 Shapes come from the models' public ``config.json`` files (hidden size, layers, heads, KV
 heads, head dim, FFN size, vocabulary, RoPE theta, tied embeddings, QKV bias, QK-norm).
 """
@@ -53,4 +55,18 @@ PRESETS: dict[str, dict] = {
     "qwen3-8b": {**_QWEN3, **_shape(36, 4096, 12288, 32, 8, False)},
     "qwen3-14b": {**_QWEN3, **_shape(40, 5120, 17408, 40, 8, False)},
     "qwen3-32b": {**_QWEN3, **_shape(64, 5120, 25600, 64, 8, False)},
+}
+
+
+VISION_PRESETS: dict[str, dict] = {
+    # A CPU-sized ViT: 32x32 images in 8x8 patches, 16 tokens per image.
+    "tiny": dict(
+        num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4, image_height=32, image_width=32,
+        patch_size=8, activation="gelu",
+    ),  # fmt: skip
+    # OpenAI CLIP ViT-L/14 at 336 px (LLaVA-1.5's tower): 576 tokens per image.
+    "clip-vit-l-14-336": dict(
+        num_layers=24, hidden_size=1024, ffn_hidden_size=4096, num_attention_heads=16, image_height=336,
+        image_width=336, patch_size=14, activation="quick_gelu", norm_epsilon=1e-5,
+    ),  # fmt: skip
 }

@@ -58,7 +58,7 @@ def final_models(cfg: Config) -> list[str]:
 
 def stages(cfg: Config) -> list[Stage]:
     s, names = cfg.schedule, [b.name for b in cfg.branches]
-    betas = {b.name: b.beta for b in cfg.branches}
+    betas = {b.name: cfg.opd.beta if b.beta is None else b.beta for b in cfg.branches}
     total = s.cycles * (s.s_rl + s.s_opd)
     solo = lambda steps, who: Rhythm(who, [], {n: 0.0 for n in who}, 1, steps, 0)  # noqa: E731
     if s.mode == "copd":
@@ -76,6 +76,6 @@ def stages(cfg: Config) -> list[Stage]:
         return [Stage("experts", solo(s.cycles * s.s_rl, names), names), Stage("static_opd", opd, [student])]
     if s.mode == "mopd":
         pairs = [("student", n) for n in names]
-        opd = Rhythm(["student", *names], pairs, {"student": 1.0, **{n: 0.0 for n in names}}, 1, 0, total)
+        opd = Rhythm(["student", *names], pairs, {"student": cfg.opd.beta, **{n: 0.0 for n in names}}, 1, 0, total)
         return [Stage("experts", solo(total, names), names), Stage("mopd", opd, ["student"], native_fraction=0.0)]
     raise ValueError(f"unknown schedule.mode {s.mode!r}")

@@ -1,122 +1,126 @@
-"""Building update batches for one branch: native GRPO samples and cross-branch OPD samples.
+"""Update batches of one branch: native GRPO samples and cross-branch OPD samples.
 
 Native (paper Eq. rlvr): prompts x ~ D_k, G completions each from π_k, rewards r_k, group
 advantage Â_i = (r_i − mean)/(std + ε) on every response token.
 
 Cross (paper Eq. delta): prompts x' ~ D_j from a peer's data, completions from the *student*
 π_k, no task reward; per-token advantage Â_t = β_k·(log π_j(y_t|·) − log π_k(y_t|·)) with the
-peer's current weights (stop-gradient), computed over vocab-parallel logits.
+peer's live weights (stop-gradient). With a divergence ``opd.loss`` the advantage is 0 and the
+row carries the teacher's top-k (or, colocated, its logits) and the weight β_k instead.
 
-Every random choice is derived from (run seed, branch, step, purpose, data-parallel rank), so a
-resumed run samples exactly what the uninterrupted run would have.
+Every sample's randomness is a per-request seed derived from (run seed, branch, step, purpose,
+the prompt's index in the step's global prompt list, the sample's index in its group): the same
+rollouts at any data-parallel layout, in either placement, before and after a resume.
 """
 
 from __future__ import annotations
 
-import zlib
 from dataclasses import dataclass
 
 import torch
 
-from copd_megatron.data.tokenizer import encode_prompt
+from copd_megatron.data.batch import RAGGED, ROW, TARGET, Batch
+from copd_megatron.data.media import prompt_inputs
 from copd_megatron.losses import group_advantages, opd_advantage
-from copd_megatron.rollout.types import RolloutBatch, SamplingParams
-from copd_megatron.training.forward import forward_collect
-from copd_megatron.training.policy import PolicyBatch, compute_logprobs, microbatches, pad_to, response_mask
-
-
-def derived_seed(*parts) -> int:
-    """A 31-bit seed from any tuple of names and numbers (stable across runs and machines)."""
-    return zlib.crc32("/".join(map(str, parts)).encode()) & 0x7FFFFFFF
+from copd_megatron.rollout.types import GenerationRequest, RolloutBatch, SamplingParams
+from copd_megatron.utils.seeds import derived_seed
 
 
 @dataclass
-class Scored:
-    """Rollouts of one purpose (native or cross) on this data-parallel rank."""
+class Rollouts:
+    """One purpose of one student's rollouts on this data-parallel rank: ``n = prompts·G`` rows."""
 
-    rollouts: RolloutBatch  # [n = prompts·G, L]
+    student: str
+    teacher: str | None  # None: native samples; else the peer whose prompts these are
+    samples: list  # the PromptSample of each row
+    batch: RolloutBatch
     texts: list[str]  # decoded responses
     rewards: torch.Tensor  # [n] task rewards (cross samples: the teacher domain's verifier, for metrics)
-    samples: list  # the PromptSample of each row
+    indices: list[int]  # per row: its prompt's index in the step's global prompt list (layout-independent)
+
+    def as_batch(self) -> Batch:
+        """tokens, loss_mask (the response, target-aligned), sampler log-probs, media (if any)."""
+        b = self.batch
+        out = Batch(b.tokens)
+        out.set("loss_mask", b.response_mask[:, 1:].contiguous(), TARGET)
+        out.set("sampler_logprobs", b.logprobs[:, 1:].contiguous(), TARGET)
+        if b.media and any(b.media):
+            out.set("media", list(b.media), RAGGED)
+        return out
 
 
-def rollout(engine, tokenizer, samples: list, group_size: int, params: SamplingParams, verifier) -> Scored:
-    """G completions per prompt with ``engine``; decode and score them with ``verifier``."""
-    rows = [s for s in samples for _ in range(group_size)]
-    prompt_ids = [encode_prompt(tokenizer, s.prompt) for s in rows]
-    batch = engine.generate(prompt_ids, params)
-    texts = [tokenizer.decode(_strip_stop(batch.response_ids(i), params.stop_token_ids)) for i in range(len(rows))]
-    rewards = torch.tensor([float(verifier(t, s)) for t, s in zip(texts, rows)])
-    return Scored(batch, texts, rewards, rows)
-
-
-def _strip_stop(ids: list[int], stop_ids) -> list[int]:
-    return ids[:-1] if ids and ids[-1] in set(stop_ids) else ids
-
-
-def native_batch(chunks, scored: Scored, group_size: int, loss_cfg, *, micro_batch_size: int, temperature: float,
-                 vocab_size: int) -> tuple[PolicyBatch, dict]:  # fmt: skip
-    """GRPO: group advantages broadcast over response tokens; old log-probs from the trainer."""
-    tokens, mask = scored.rollouts.tokens, response_mask(scored.rollouts)
-    adv, degenerate = group_advantages(scored.rewards.view(-1, group_size), mode=loss_cfg.advantage)
-    old = compute_logprobs(chunks, tokens, mask, micro_batch_size, temperature=temperature, vocab_size=vocab_size,
-                           chunk_size=loss_cfg.logprob_chunk_size)  # fmt: skip
-    per_token = adv.reshape(-1, 1).float() * mask
-    stats = {"degenerate_groups": float(degenerate), "groups": float(scored.rewards.numel() // group_size)}
-    return PolicyBatch(tokens, mask, per_token, old), stats
-
-
-def cross_batch(student_chunks, teacher_chunks, scored: Scored, beta: float, loss_cfg, *, micro_batch_size: int,
-                temperature: float, vocab_size: int, opd_loss: str = "sampled") -> tuple[PolicyBatch, dict]:  # fmt: skip
-    """OPD: β·(log π_teacher − log π_student) per sampled token, teacher = the peer's live weights.
-
-    With a full-vocabulary ``opd_loss`` (reverse_kl, forward_kl, jsd, topk_kl) the teacher's
-    vocab-parallel logits travel with the batch instead and the loss adds β·D(student ‖ teacher)."""
-    tokens, mask = scored.rollouts.tokens, response_mask(scored.rollouts)
-    kw = dict(temperature=temperature, vocab_size=vocab_size, chunk_size=loss_cfg.logprob_chunk_size)
-    student = compute_logprobs(student_chunks, tokens, mask, micro_batch_size, **kw)
-    teacher = compute_logprobs(teacher_chunks, tokens, mask, micro_batch_size, **kw)
-    n = mask.sum().clamp(min=1)
-    stats = {"opd_logratio": float(((teacher - student) * mask).sum() / n)}
-    if opd_loss == "sampled":
-        return PolicyBatch(tokens, mask, opd_advantage(teacher, student, beta, mask), student), stats
-    width = tokens.shape[1] - 1
-    logits = forward_collect(teacher_chunks, microbatches(tokens, mask, micro_batch_size),
-                             lambda lg, mb: {"logits": pad_to(lg.float(), width)}, broadcast=False).get("logits")  # fmt: skip
-    extra = {"teacher_logits": None if logits is None else logits[: tokens.shape[0]],
-             "opd_weight": torch.full((tokens.shape[0],), float(beta))}  # fmt: skip
-    return PolicyBatch(tokens, mask, torch.zeros_like(mask), student, extra), stats
-
-
-def concat(batches: list[PolicyBatch], pad_id: int) -> PolicyBatch:
-    """One batch from several (right-padding to the longest sequence)."""
-    length = max(b.tokens.shape[1] for b in batches)
-
-    def pad(t: torch.Tensor, width: int, value) -> torch.Tensor:
-        return torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value)
-
-    return PolicyBatch(
-        torch.cat([pad(b.tokens, length, pad_id) for b in batches]),
-        torch.cat([pad(b.loss_mask, length - 1, 0.0) for b in batches]),
-        torch.cat([pad(b.advantages, length - 1, 0.0) for b in batches]),
-        torch.cat([pad(b.old_logprobs, length - 1, 0.0) for b in batches]),
-        _concat_extra(batches, length - 1),
-    )
-
-
-def _concat_extra(batches: list[PolicyBatch], width: int) -> dict:
-    """Per-row extras over the whole batch: rows without an entry get zeros (weight 0)."""
-    keys = {k for b in batches for k, v in b.extra.items() if v is not None}
-    out = {}
-    for k in keys:
-        like = next(b.extra[k] for b in batches if b.extra.get(k) is not None)
-        parts = []
-        for b in batches:
-            v = b.extra.get(k)
-            if v is None:
-                v = torch.zeros((len(b), *like.shape[1:]), dtype=like.dtype)
-            if v.dim() >= 2:  # [n, L-1, ...]: pad the sequence dimension
-                v = torch.nn.functional.pad(v, (0, 0) * (v.dim() - 2) + (0, width - v.shape[1]))
-            parts.append(v)
-        out[k] = torch.cat(parts)
+def requests(tokenizer, prompts: list, indices: list[int], group_size: int, *seed_parts) -> list[GenerationRequest]:
+    """G requests per prompt, each seeded by (seed_parts, global prompt index, sample index)."""
+    out = []
+    for sample, i in zip(prompts, indices):
+        ids, media = prompt_inputs(tokenizer, sample)  # text: encode_prompt, {}; images: placeholders + pixels
+        out.extend(GenerationRequest(ids, derived_seed(*seed_parts, i, g), media) for g in range(group_size))
     return out
+
+
+def roll(worker, tokenizer, prompts: list, indices: list[int], group_size: int, params: SamplingParams, verifier,
+         teacher: str | None, *seed_parts) -> Rollouts:  # fmt: skip
+    """G completions per prompt from ``worker``'s engine, decoded and scored by ``verifier``."""
+    rows = [s for s in prompts for _ in range(group_size)]
+    row_indices = [i for i in indices for _ in range(group_size)]
+    batch = worker.generate(requests(tokenizer, prompts, indices, group_size, *seed_parts), params)
+    stop = set(params.stop_token_ids)
+    texts = []
+    for i in range(len(rows)):
+        ids = batch.response_ids(i)
+        texts.append(tokenizer.decode(ids[:-1] if ids and ids[-1] in stop else ids))
+    rewards = torch.tensor([float(verifier(t, s)) for t, s in zip(texts, rows)])
+    return Rollouts(worker.name, teacher, rows, batch, texts, rewards, row_indices)
+
+
+def native_batch(r: Rollouts, old_logprobs: torch.Tensor, group_size: int, advantage: str) -> tuple[Batch, dict]:
+    """GRPO: group advantages broadcast over response tokens; old log-probs from the trainer."""
+    batch = r.as_batch()
+    mask = batch["loss_mask"]
+    adv, degenerate = group_advantages(r.rewards.view(-1, group_size), mode=advantage)
+    batch.set("advantages", adv.reshape(-1, 1).float().to(mask.device) * mask, TARGET)
+    batch.set("old_logprobs", old_logprobs, TARGET)
+    # (sum, count) pairs, reduced over data-parallel ranks as Σsum / Σcount: the fraction of groups
+    # whose rewards are all equal (no signal), and rows per data-parallel rank.
+    stats = {"degenerate_frac": (float(degenerate), float(r.rewards.numel() // group_size)),
+             "rows": (float(len(batch)), 1.0)}  # fmt: skip
+    return batch, stats
+
+
+def cross_batch(r: Rollouts, old_logprobs: torch.Tensor, teacher: dict, beta: float, opd_loss: str) -> tuple[Batch, dict]:
+    """OPD rows: β·(log π_T − log π_S) per sampled token (``opd_loss: sampled``), or advantage 0 with
+    the teacher's top-k / logits and weight β for a divergence loss. ``teacher`` is the peer's
+    answer (its ``score`` of these rows, at its current weights)."""
+    batch = r.as_batch()
+    mask = batch["loss_mask"]
+    t_lp = teacher["logprobs"].to(mask.device)
+    # (sum, count) pairs, reduced over data-parallel ranks as Σsum / Σcount (see rollout_metrics).
+    stats = {"opd_logratio": (float(((t_lp - old_logprobs) * mask).sum()), float(mask.sum())),
+             "rows": (float(len(batch)), 1.0), "teacher_version": (float(teacher["weight_version"]), 1.0)}  # fmt: skip
+    batch.set("old_logprobs", old_logprobs, TARGET)
+    if opd_loss == "sampled":
+        batch.set("advantages", opd_advantage(t_lp, old_logprobs, beta, mask), TARGET)
+        return batch, stats
+    batch.set("advantages", torch.zeros_like(mask), TARGET)
+    batch.set("opd_weight", torch.full((len(batch),), float(beta), device=mask.device), ROW)
+    if opd_loss == "topk_kl":
+        batch.set("teacher_topk_ids", teacher["topk_ids"], TARGET)
+        batch.set("teacher_topk_vals", teacher["topk_vals"], TARGET)
+    else:
+        batch.set("teacher_logits", teacher["logits"], RAGGED)
+    return batch, stats
+
+
+def rollout_metrics(r: Rollouts | None, prefix: str) -> dict[str, tuple[float, float]]:
+    """(sum, count) pairs of one purpose's rollouts on this rank (``None``: this rank had no prompts
+    of the purpose). Summed over the data-parallel ranks, Σsum / Σcount is the global batch's mean
+    whatever the shares (tokens/s: the mean over the ranks that generated)."""
+    if r is None:
+        return {f"{prefix}/{k}": (0.0, 0.0) for k in ("reward", "pass@1", "response_len", "rollout_tokens_per_s")}
+    n = float(r.rewards.numel())
+    return {
+        f"{prefix}/reward": (float(r.rewards.sum()), n),
+        f"{prefix}/pass@1": (float((r.rewards >= 1.0).sum()), n),  # sampled completions verified correct
+        f"{prefix}/response_len": (float(r.batch.response_lens.float().sum()), n),
+        f"{prefix}/rollout_tokens_per_s": (float(r.batch.meta.get("tokens_per_s", 0.0)), 1.0),
+    }

@@ -46,8 +46,9 @@ class Rhythm:
     overlap_floor: float = 0.90
     overlap_ceiling: float = 0.97
     _overlap: float | None = None
+    _cursor: tuple[int, int, int, int] = (0, 0, 0, 0)  # (cycle, phase index, step in phase, global step) to consider next
 
-    def observe_overlap(self, overlap: float) -> None:
+    def observe_overlap(self, overlap: float | None) -> None:
         self._overlap = overlap
 
     def _teachers(self, phase: str) -> dict[str, tuple[str, ...]]:
@@ -62,15 +63,28 @@ class Rhythm:
         return self._overlap < self.overlap_floor if phase == RL else self._overlap > self.overlap_ceiling
 
     def __iter__(self) -> Iterator[StepPlan]:
-        g = 0
-        for cycle in range(self.cycles):
-            for phase, length in ((RL, self.s_rl), (OPD, self.s_opd)):
-                self._overlap = None
-                for s in range(length):
-                    if self._end_early(phase, s):
-                        break
-                    yield StepPlan(cycle, phase, s, g, self._teachers(phase))
-                    g += 1
+        """Plans from the cursor on (the start, or where :meth:`load_state_dict` left it)."""
+        phases = ((RL, self.s_rl), (OPD, self.s_opd))
+        cycle, ph, s, g = self._cursor
+        while cycle < self.cycles:
+            phase, length = phases[ph]
+            if s == 0:
+                self._overlap = None  # a phase's early end depends on overlaps measured inside it
+            if s < length and not self._end_early(phase, s):
+                self._cursor = (cycle, ph, s + 1, g + 1)
+                yield StepPlan(cycle, phase, s, g, self._teachers(phase))
+                cycle, ph, s, g = self._cursor
+                continue
+            cycle, ph, s = (cycle, 1, 0) if ph == 0 else (cycle + 1, 0, 0)
+            self._cursor = (cycle, ph, s, g)
+
+    def state_dict(self) -> dict:
+        """Where the rhythm stands and the last overlap it saw: an adaptive run resumes exactly."""
+        return {"cursor": list(self._cursor), "overlap": self._overlap}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._cursor = tuple(int(v) for v in state["cursor"])
+        self._overlap = state["overlap"]
 
     def total_steps(self) -> int:
         """Steps per branch without adaptive early ends: N·(S_RL + S_OPD)."""

@@ -11,8 +11,7 @@ prompt that leaves no room for the answer only wastes rollouts.
 A :class:`PromptStream` walks a dataset endlessly in a fresh shuffle per epoch, derived
 from (seed, epoch) alone, so the order never depends on what happened before. Its
 ``state_dict`` (epoch, position, seed) is all a checkpoint needs: a resumed run sees
-exactly the prompts the uninterrupted run would have seen (DESIGN §5: resume must restore
-the data position).
+exactly the prompts the uninterrupted run would have seen.
 """
 
 from __future__ import annotations
@@ -25,13 +24,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from copd_megatron.config.schema import ConfigError
+
 logger = logging.getLogger(__name__)
 
 REQUIRED = ("prompt", "answer", "domain")
 
 
-class DataError(ValueError):
-    """A malformed data file or stream state: the message names the file and line."""
+class DataError(ConfigError):
+    """A malformed data file or stream state: the message names the file and line (a user
+    mistake like a config error: one line, exit code 2)."""
 
 
 @dataclass
@@ -43,6 +45,8 @@ class PromptSample:
     domain: str  # capability / branch domain ("arithmetic", "math", "code", ...)
     extra: dict = field(default_factory=dict)  # the row's other fields (tolerance, choices, tests, ...)
     index: int = 0  # position in its dataset after filtering (a stable id for logs and resume checks)
+    source: str = field(default="", compare=False)  # "FILE:LINE" of the row, for errors found later (media)
+    vision: Any = field(default=None, compare=False, repr=False)  # model.vision its media were resolved for
 
 
 class PromptDataset(Sequence[PromptSample]):
@@ -55,8 +59,10 @@ class PromptDataset(Sequence[PromptSample]):
         self.path = Path(path)
         if (tokenizer is None) != (max_prompt_tokens is None):
             raise DataError(f"{self.path}: max_prompt_tokens and tokenizer must be given together")
-        if not self.path.is_file():
+        if not self.path.exists():
             raise DataError(f"{self.path}: prompt file not found; expected a .jsonl or .parquet file")
+        if not self.path.is_file():
+            raise DataError(f"{self.path}: is a directory; expected a .jsonl or .parquet file")
         rows = _parquet_rows(self.path) if self.path.suffix == ".parquet" else _jsonl_rows(self.path)
         self.samples: list[PromptSample] = []
         self.num_skipped_too_long = 0  # rows dropped by the max_prompt_tokens filter
@@ -95,14 +101,22 @@ def load_prompts(path: str | Path, domain: str | None = None, max_prompt_tokens:
 
 def _jsonl_rows(p: Path) -> list[tuple[int, Any]]:
     rows = []
-    with p.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append((line_no, json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise DataError(f"{p}:{line_no}: invalid JSON ({e.msg}); expected one JSON object per line") from None
+    try:
+        with p.open("rb") as f:
+            for line_no, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise DataError(f"{p}:{line_no}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+                                    "expected a JSONL file, one JSON object per line") from None  # fmt: skip
+                if not line.strip():
+                    continue
+                try:
+                    rows.append((line_no, json.loads(line)))
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{p}:{line_no}: invalid JSON ({e.msg}); expected one JSON object per line") from None
+    except OSError as e:
+        raise DataError(f"{p}: cannot be read ({e.strerror})") from None
     return rows
 
 
@@ -111,7 +125,10 @@ def _parquet_rows(p: Path) -> list[tuple[int, Any]]:
         import pyarrow.parquet as pq
     except ImportError:
         raise DataError(f"{p}: reading Parquet needs pyarrow (pip install pyarrow); or convert it to JSONL") from None
-    return list(enumerate(pq.read_table(p).to_pylist(), 1))
+    try:
+        return list(enumerate(pq.read_table(p).to_pylist(), 1))
+    except Exception as e:  # noqa: BLE001 (pyarrow raises its own error types for every kind of bad file)
+        raise DataError(f"{p}: not a readable Parquet file ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
 
 
 def parse_row(row: Any, domain: str | None, index: int, where: str) -> PromptSample:

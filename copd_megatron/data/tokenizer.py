@@ -266,13 +266,16 @@ def load_tokenizer(path: str | Path, chat_template: str | None = None) -> Tokeni
 
 
 def train_sentencepiece(texts: Iterable[str], model_prefix: str | Path, vocab_size: int = 256,
-                        character_coverage: float = 1.0, model_type: str = "bpe") -> Path:  # fmt: skip
+                        character_coverage: float = 1.0, model_type: str = "bpe",
+                        user_defined_symbols: tuple[str, ...] = ()) -> Path:  # fmt: skip
     """Train a small SentencePiece model on ``texts``; returns the ``.model`` path.
 
     Digits are split one per token (``split_digits``) so arithmetic tokenises per digit;
     byte fallback is on, so any text encodes (unseen characters become byte pieces, which
     takes 256 ids: ``vocab_size`` must exceed 256 + 4 specials + the corpus' characters).
-    Ids: pad 0, unk 1, bos 2, eos 3. Text is kept byte-exact (no normalisation, no dummy
+    Ids: pad 0, unk 1, bos 2, eos 3, then ``user_defined_symbols`` (e.g. ``<image>`` and
+    ``<video>`` at 4 and 5: ids a vision-language model reserves for placeholders, never produced
+    by other text). Text is kept byte-exact (no normalisation, no dummy
     prefix), because answers are compared exactly and end at a newline."""
     import sentencepiece as spm
 
@@ -287,7 +290,7 @@ def train_sentencepiece(texts: Iterable[str], model_prefix: str | Path, vocab_si
             character_coverage=character_coverage, model_type=model_type, split_digits=True,
             byte_fallback=True, pad_id=0, unk_id=1, bos_id=2, eos_id=3, minloglevel=2,
             hard_vocab_limit=True, add_dummy_prefix=False, remove_extra_whitespaces=False,
-            normalization_rule_name="identity",
+            normalization_rule_name="identity", user_defined_symbols=list(user_defined_symbols),
         )  # fmt: skip
     except RuntimeError as e:
         raise ConfigError(f"tokenizer training for {model_prefix}: {str(e).strip().splitlines()[-1]}") from None

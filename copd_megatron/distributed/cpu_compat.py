@@ -178,6 +178,14 @@ def _patch_megatron() -> None:
     mrandom._get_cuda_rng_state = lambda device="cuda", clone=False, graph_safe=False: torch.get_rng_state()
 
 
+def stub_cuda_runtime() -> None:
+    """Only the CUDA *runtime* answers (current device, RNG states, streams, events, memory
+    statistics), without routing any tensor to CPU. The fake-CUDA test tier uses this: tensors it
+    creates on ``cuda`` stay (fake) CUDA tensors, so a misplaced CPU tensor is still an error."""
+    _patch_torch_cuda()
+    _patch_megatron()
+
+
 def activate() -> None:
     """Install the patches (idempotent). Refuses to run where CUDA is available."""
     global _ACTIVE
@@ -188,6 +196,5 @@ def activate() -> None:
     for name in _FACTORIES:
         setattr(torch, name, _route_device_kwarg(getattr(torch, name)))
     _patch_tensor_methods()
-    _patch_torch_cuda()
-    _patch_megatron()
+    stub_cuda_runtime()
     _ACTIVE = True

@@ -5,11 +5,13 @@ Two launchers are supported:
 * ``torchrun`` sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``;
 * Slurm ``srun`` (one task per GPU) sets ``SLURM_PROCID``, ``SLURM_NTASKS``, ``SLURM_LOCALID``
   and ``SLURM_JOB_NODELIST``; the master is the first host of the node list and the port is
-  derived from the job id unless ``MASTER_PORT`` is set.
+  derived from the job id (10000 + id mod 20000: below Linux's ephemeral range, different for
+  jobs that share a node) unless ``MASTER_ADDR`` / ``MASTER_PORT`` are set.
 
 Without either, the process is a world of one. The config is validated against the world
 size from the environment *before* ``init_process_group``, so an impossible layout never
-reaches a collective.
+reaches a collective. The ranks then meet through ``distributed.rendezvous``, which logs what
+it waits for and gives up after ``parallel.rendezvous_timeout_s`` with one line.
 """
 
 from __future__ import annotations
@@ -71,8 +73,9 @@ def read_dist_env(environ: Mapping[str, str] | None = None) -> DistEnv:
         )
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
         nodes = parse_slurm_nodelist(env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "127.0.0.1")))
-        # A port per job, so two jobs sharing a node do not collide on the rendezvous.
-        default_port = 20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000
+        # A port per job, so two jobs sharing a node do not collide on the rendezvous; below
+        # 32768 so it never meets a port the kernel handed out for an outgoing connection.
+        default_port = 10000 + int(env.get("SLURM_JOB_ID", "0")) % 20000
         return DistEnv(
             rank=int(env["SLURM_PROCID"]),
             world_size=int(env["SLURM_NTASKS"]),
@@ -93,27 +96,39 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed(dist_env: DistEnv, backend: str = "auto", timeout_s: int = 600) -> str:
+def init_distributed(
+    dist_env: DistEnv, backend: str = "auto", timeout_s: int = 600, rendezvous_timeout_s: float = 600.0
+) -> str:
     """Join the default process group (idempotent). Returns the backend in use.
 
-    On a machine without CUDA this activates the CPU compatibility layer first, so that
-    Megatron-Core's real code runs under gloo.
+    ``rendezvous_timeout_s`` bounds the wait for the other ranks at start-up (a
+    :class:`~copd_megatron.distributed.rendezvous.RendezvousError` names what was missing);
+    ``timeout_s`` is the collective timeout afterwards. On a machine without CUDA this activates
+    the CPU compatibility layer first, so that Megatron-Core's real code runs under gloo.
     """
     import torch.distributed as dist
+
+    from copd_megatron.distributed.rendezvous import rendezvous
 
     cuda = torch.cuda.is_available()
     if backend == "auto":
         backend = "nccl" if cuda else "gloo"
+    from copd_megatron.distributed.device import set_runtime_device
+
     if cuda:
-        torch.cuda.set_device(dist_env.local_rank % torch.cuda.device_count())
+        local = dist_env.local_rank % torch.cuda.device_count()
+        torch.cuda.set_device(local)
+        set_runtime_device(torch.device("cuda", local))  # every batch, buffer and collective goes here
     else:
         from copd_megatron.distributed import cpu_compat
 
         cpu_compat.activate()
+        set_runtime_device("cpu")
     if not dist.is_initialized():
+        store = rendezvous(dist_env, rendezvous_timeout_s)
         dist.init_process_group(
             backend,
-            init_method=f"tcp://{dist_env.master_addr}:{dist_env.master_port}",
+            store=store,
             rank=dist_env.rank,
             world_size=dist_env.world_size,
             timeout=timedelta(seconds=timeout_s),

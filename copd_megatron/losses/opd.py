@@ -158,11 +158,27 @@ def topk_kl(
     """KL(T_k ‖ S_k) per token ``[...]`` on the teacher's global top-k, both renormalised over it."""
     t_vals, ids = global_topk(teacher_logits.detach(), k, tp_group=tp_group, vocab_size=vocab_size,
                               temperature=temperature, chunk_size=chunk_size)  # fmt: skip
+    return topk_kl_from(student_logits, ids, t_vals, tp_group=tp_group, temperature=temperature)
+
+
+def topk_kl_from(
+    student_logits: torch.Tensor, teacher_ids: torch.Tensor, teacher_vals: torch.Tensor, *, tp_group=None,
+    temperature: float = 1.0,
+) -> torch.Tensor:  # fmt: skip
+    """KL(T_k ‖ S_k) from the teacher's top-k *global* ids ``[..., k]`` and their values (logits / T
+    or log-probs: renormalising over the k entries removes any per-token constant). This is what
+    travels between branches on different ranks: k ids and k numbers per token, never logits."""
     # Gather k student logits first, then upcast: never an fp32 copy of the student's vocabulary.
-    s_vals = gather_at(student_logits, ids, tp_group=tp_group).float() / temperature
-    t_logp = torch.log_softmax(t_vals, -1)
+    s_vals = gather_at(student_logits, teacher_ids, tp_group=tp_group).float() / temperature
+    t_logp = torch.log_softmax(teacher_vals.detach().float(), -1)
     s_logp = torch.log_softmax(s_vals, -1)
     return (t_logp.exp() * (t_logp - s_logp)).sum(-1)
+
+
+def ids_overlap(student_ids: torch.Tensor, teacher_ids: torch.Tensor) -> torch.Tensor:
+    """Per-token ``|S ∩ T| / k`` of two duplicate-free top-k id lists ``[..., k]``."""
+    k = student_ids.shape[-1]
+    return (student_ids.unsqueeze(-1) == teacher_ids.unsqueeze(-2)).any(-1).sum(-1).float() / k
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -182,8 +198,7 @@ def topk_overlap(
     kw = dict(tp_group=tp_group, vocab_size=vocab_size, chunk_size=chunk_size)
     _, s_ids = global_topk(student_logits, k, **kw)
     _, t_ids = global_topk(teacher_logits, k, **kw)
-    # Both id lists are duplicate-free, so counting matches of each student id counts |S ∩ T|.
-    per_token = (s_ids.unsqueeze(-1) == t_ids.unsqueeze(-2)).any(-1).sum(-1).float() / k
+    per_token = ids_overlap(s_ids, t_ids)
     return per_token, masked_mean(per_token, mask)
 
 

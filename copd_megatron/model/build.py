@@ -1,9 +1,10 @@
-"""Build one branch's Megatron ``GPTModel`` (all its virtual-pipeline chunks), DDP and optimizer.
+"""Build one branch's model (all its virtual-pipeline chunks, through its provider), DDP and optimizer.
 
-The model is Llama-style: RMSNorm, SwiGLU (fused gate/up ``linear_fc1``), RoPE, GQA (fused,
+The text model is Llama-style: RMSNorm, SwiGLU (fused gate/up ``linear_fc1``), RoPE, GQA (fused,
 group-interleaved ``linear_qkv``), optional QKV bias (Qwen2), QK-norm (Qwen3), tied or untied
-embeddings. The vocabulary is padded to ``make_vocab_size_divisible_by · tp`` so that every
-TP rank owns an equal shard of the output layer's logits.
+embeddings. The vocabulary is padded to a multiple of ``make_vocab_size_divisible_by``
+independently of TP (``config.layout.padded_vocab_size``), which TP must divide, so every TP
+rank owns an equal shard of the output layer's logits and checkpoints reshard across TP.
 
 Two wiring details Megatron-LM's training loop normally does and we must do ourselves:
 ``config.finalize_model_grads_func`` (without it DDP never reduces gradients across data
@@ -18,14 +19,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from copd_megatron.config.layout import padded_vocab_size
 from copd_megatron.config.schema import (
     ModelConfig,
     OptimizerConfig,
     ParallelConfig,
     PrecisionConfig,
 )
-from copd_megatron.model.specs import gpt_layer_spec, use_transformer_engine
+from copd_megatron.model.specs import use_transformer_engine
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -81,50 +81,36 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, precision: 
     )
 
 
-def build_model_chunks(model: ModelConfig, parallel: ParallelConfig, precision: PrecisionConfig, config=None) -> list:
-    """This rank's ``GPTModel`` chunks (one per virtual pipeline stage), not yet wrapped."""
-    from megatron.core import parallel_state
-    from megatron.core.models.gpt import GPTModel
+def build_model_chunks(model: ModelConfig, parallel: ParallelConfig, precision: PrecisionConfig, config=None,
+                       groups=None) -> list:  # fmt: skip
+    """This rank's model chunks (one per virtual pipeline stage), not yet wrapped, built by the
+    model's provider on ``groups`` (default: Megatron's global groups)."""
+    from copd_megatron.distributed.groups import shared_groups
+    from copd_megatron.model.provider import make_provider
 
-    config = config or transformer_config(model, parallel, precision)
-    spec = gpt_layer_spec(model, fp8=precision.fp8)
-    vocab = padded_vocab_size(model.vocab_size, model.make_vocab_size_divisible_by, parallel.tp)
-    chunks = []
-    for vp_stage in range(parallel.vpp or 1):
-        vp = vp_stage if parallel.vpp else None
-        chunk = GPTModel(
-            config=config,
-            transformer_layer_spec=spec,
-            vocab_size=vocab,
-            max_sequence_length=model.seq_length,
-            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp),
-            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp),
-            share_embeddings_and_output_weights=model.tie_embeddings,
-            position_embedding_type="rope",
-            rotary_percent=model.rotary_percent,
-            rotary_base=int(model.rotary_base),
-            rope_scaling=model.rope_scaling,
-            rope_scaling_factor=model.rope_scaling_factor,
-            vp_stage=vp,
-        )
-        chunks.append(chunk)
-    return chunks
+    return make_provider(model, parallel, precision, config).build_chunks(groups or shared_groups())
 
 
 @dataclass
 class BranchModel:
     """One branch on this rank: its DDP-wrapped model chunks, optimizer and LR scheduler."""
 
-    chunks: list  # DistributedDataParallel-wrapped GPTModel chunks, one per virtual stage
+    chunks: list  # DistributedDataParallel-wrapped model chunks, one per virtual stage
     optimizer: Any  # megatron.core.optimizer.MegatronOptimizer
     scheduler: Any  # megatron.core.optimizer_param_scheduler.OptimizerParamScheduler
     config: Any  # megatron.core.transformer.TransformerConfig
+    groups: Any = None  # distributed.groups.BranchGroups the chunks were built on
+    provider: Any = None  # model.provider.ModelProvider that builds and runs the chunks
 
 
 def wrap_and_optimize(
-    chunks: list, config, parallel: ParallelConfig, precision: PrecisionConfig, optim: OptimizerConfig, total_steps: int
-) -> BranchModel:
-    """Wrap chunks in Megatron DDP, make replicas equal, and build optimizer + LR schedule."""
+    chunks: list, config, parallel: ParallelConfig, precision: PrecisionConfig, optim: OptimizerConfig, total_steps: int,
+    groups=None, provider=None,
+) -> BranchModel:  # fmt: skip
+    """Wrap chunks in Megatron DDP, make replicas equal, and build optimizer + LR schedule, all on
+    ``groups`` (the branch's process groups; default: Megatron's global ones)."""
+    from copd_megatron.distributed.groups import shared_groups
+
     from megatron.core.distributed import (
         DistributedDataParallel,
         DistributedDataParallelConfig,
@@ -143,8 +129,11 @@ def wrap_and_optimize(
         overlap_param_gather=parallel.overlap_param_gather,
         use_distributed_optimizer=parallel.use_distributed_optimizer,
     )
+    groups = groups or shared_groups()
+    pgc = groups.pg_collection
     wrapped = [
-        DistributedDataParallel(config, ddp_config, c, disable_bucketing=i > 0) for i, c in enumerate(chunks)
+        DistributedDataParallel(config, ddp_config, c, disable_bucketing=i > 0, pg_collection=pgc)
+        for i, c in enumerate(chunks)
     ]
     for w in wrapped:
         w.broadcast_params()  # DP replicas start from rank 0 of their DP group
@@ -165,7 +154,8 @@ def wrap_and_optimize(
         params_dtype=dtype,
         use_distributed_optimizer=parallel.use_distributed_optimizer,
     )
-    optimizer = get_megatron_optimizer(opt_config, wrapped)
+    # Explicit groups: a branch's data-parallel group may be a slice of the world (disjoint placement).
+    optimizer = get_megatron_optimizer(opt_config, wrapped, use_gloo_process_groups=False, pg_collection=pgc)
     decay = {"constant": "constant", "cosine": "cosine", "linear": "linear"}[optim.lr_schedule]
     scheduler = OptimizerParamScheduler(
         optimizer,
@@ -180,16 +170,20 @@ def wrap_and_optimize(
         wd_incr_steps=max(total_steps, 1),
         wd_incr_style="constant",
     )
-    return BranchModel(wrapped, optimizer, scheduler, config)
+    return BranchModel(wrapped, optimizer, scheduler, config, groups, provider)
 
 
 def build_branch(
     model: ModelConfig, parallel: ParallelConfig, precision: PrecisionConfig, optim: OptimizerConfig, total_steps: int
 ) -> BranchModel:
     """Model chunks + DDP + optimizer + scheduler for one branch (process groups must exist)."""
-    config = transformer_config(model, parallel, precision)
-    chunks = build_model_chunks(model, parallel, precision, config)
-    return wrap_and_optimize(chunks, config, parallel, precision, optim, total_steps)
+    from copd_megatron.distributed.groups import shared_groups
+    from copd_megatron.model.provider import make_provider
+
+    provider = make_provider(model, parallel, precision)
+    groups = shared_groups()
+    chunks = provider.build_chunks(groups)
+    return wrap_and_optimize(chunks, provider.tcfg, parallel, precision, optim, total_steps, groups, provider)
 
 
 def count_parameters(chunks: list) -> int:

@@ -13,6 +13,10 @@ verifier ``synthetic_<family>``:
     asc         "Q: asc 390720\\nA:"              "002379" digits (repeats allowed): 2 + difficulty
     desc        "Q: desc 390720\\nA:"             "973200" digits (repeats allowed): 2 + difficulty
 
+Visual families (``rewards/visual.py``: coloured shapes in images and short videos, e.g.
+``shape_count``, ``video_motion``) are registered here too; their samples carry the pixels in
+``extra["images"]`` / ``extra["video"]`` and need a model with ``model.vision``.
+
 Words use the letters a-h only, so the vocabulary stays tiny. ``asc`` and ``desc`` are the
 CPU testbed (docs/testbed.md): one sub-skill (reading a multiset of digits, copies included,
 and emitting it in order) in two opposite compositions, so an expert of one answers the other
@@ -33,6 +37,7 @@ from dataclasses import dataclass
 from copd_megatron.config.schema import ConfigError
 from copd_megatron.data.prompts import PromptSample, write_jsonl  # noqa: F401 - re-exported
 from copd_megatron.rewards.registry import register_verifier
+from copd_megatron.rewards.visual import VISUAL_MAKERS
 
 LETTERS = "abcdefgh"
 DIGITS = "0123456789"
@@ -92,17 +97,23 @@ class TaskFamily:
     """One synthetic family: how to make a (prompt, answer) pair at a difficulty."""
 
     name: str  # also the samples' domain and the verifier's suffix (synthetic_<name>)
-    make: Callable[[random.Random, int], tuple[str, str]]  # (rng, difficulty) -> (prompt, answer)
+    make: Callable[[random.Random, int], tuple]  # (rng, difficulty) -> (prompt, answer[, media fields])
 
     def generate(self, rng_or_seed: random.Random | int, n: int, difficulty: int = 2) -> list[PromptSample]:
         """``n`` samples; an int seed gives the same samples as the module-level :func:`generate`."""
         check_difficulty(difficulty)
         rng = rng_or_seed if isinstance(rng_or_seed, random.Random) else _rng(self.name, difficulty, rng_or_seed)
         out = []
-        for i in range(n):
-            prompt, answer = self.make(rng, difficulty)
-            out.append(PromptSample(prompt, answer, self.name, {"difficulty": difficulty}, i))
-        return out
+        return [self.sample(rng, difficulty, i) for i in range(n)]
+
+    def sample(self, rng: random.Random, difficulty: int, index: int) -> PromptSample:
+        prompt, answer, *media = self.make(rng, difficulty)
+        return PromptSample(prompt, answer, self.name, {"difficulty": difficulty, **(media[0] if media else {})}, index)
+
+    @property
+    def visual(self) -> bool:
+        """Its samples carry images or video frames."""
+        return self.name in VISUAL_MAKERS
 
     @property
     def verifier_name(self) -> str:
@@ -120,6 +131,8 @@ FAMILIES: dict[str, TaskFamily] = {
         TaskFamily("desc", _desc),
     )
 }
+# Families whose samples carry images / video frames (need a model with model.vision).
+VISUAL_FAMILIES: dict[str, TaskFamily] = {name: TaskFamily(name, make) for name, make in VISUAL_MAKERS.items()}
 
 
 def _rng(family: str, difficulty: int, seed: int) -> random.Random:
@@ -134,9 +147,11 @@ def check_difficulty(difficulty: int) -> None:
 
 
 def get_family(name: str) -> TaskFamily:
-    if name not in FAMILIES:
-        raise ConfigError(f"synthetic family {name!r} is unknown; expected one of {list(FAMILIES)}")
-    return FAMILIES[name]
+    """A text or visual family by name."""
+    every = {**FAMILIES, **VISUAL_FAMILIES}
+    if name not in every:
+        raise ConfigError(f"synthetic family {name!r} is unknown; expected one of {list(every)}")
+    return every[name]
 
 
 def generate(family: str, n: int, difficulty: int = 2, seed: int = 0) -> list[PromptSample]:
@@ -146,8 +161,9 @@ def generate(family: str, n: int, difficulty: int = 2, seed: int = 0) -> list[Pr
 
 def make_synthetic_split(family: str, n: int, difficulty: int, seed: int,
                          exclude: Iterable[str] = ()) -> list[PromptSample]:  # fmt: skip
-    """``n`` *distinct* samples whose prompts are not in ``exclude`` (e.g. a training set's):
-    a held-out evaluation set. Raises if the family has too few distinct prompts."""
+    """``n`` *distinct* samples whose keys (:func:`sample_key`: the prompt of a text sample) are
+    not in ``exclude`` (e.g. a training set's): a held-out evaluation set. Raises if the family
+    has too few distinct samples."""
     fam, banned = get_family(family), set(exclude)
     check_difficulty(difficulty)
     rng = random.Random(f"{family}/{difficulty}/{seed}/split")  # its own stream, apart from generate()
@@ -155,14 +171,28 @@ def make_synthetic_split(family: str, n: int, difficulty: int, seed: int,
     for _ in range(50 * n + 1000):  # bounded: small spaces (1-digit sums) run out
         if len(out) == n:
             break
-        prompt, answer = fam.make(rng, difficulty)
-        if prompt not in banned:
-            banned.add(prompt)
-            out.append(PromptSample(prompt, answer, family, {"difficulty": difficulty}, len(out)))
+        s = fam.sample(rng, difficulty, len(out))
+        key = sample_key(s)
+        if key not in banned:
+            banned.add(key)
+            out.append(s)
     if len(out) < n:
         raise ConfigError(f"synthetic split {family} at difficulty {difficulty}: found only {len(out)} distinct "
                           f"held-out prompts of the {n} asked; ask for fewer or raise the difficulty")  # fmt: skip
     return out
+
+
+def sample_key(sample: PromptSample) -> str:
+    """What makes two samples the same question: the prompt, and the pixels of visual ones."""
+    import hashlib
+
+    media = [sample.extra.get("images") or [], (sample.extra.get("video") or {}).get("frames", [])]
+    if not any(media):
+        return sample.prompt
+    h = hashlib.sha1(sample.prompt.encode())
+    for arr in media[0] + media[1]:
+        h.update(arr.tobytes() if hasattr(arr, "tobytes") else str(arr).encode())
+    return h.hexdigest()
 
 
 def sft_text(sample: PromptSample) -> tuple[str, str]:
@@ -188,5 +218,5 @@ def exact_answer(completion: str, sample: PromptSample) -> float:
     return 1.0 if extract(completion) == sample.answer else 0.0
 
 
-for _family in FAMILIES.values():
+for _family in [*FAMILIES.values(), *VISUAL_FAMILIES.values()]:
     register_verifier(_family.verifier_name)(exact_answer)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from copd_megatron.data.tokenizer import encode_prompt
+from copd_megatron.distributed.device import runtime_device
 from copd_megatron.training.step import MicroBatch
 
 
@@ -21,7 +22,8 @@ def encode_pair(tokenizer, prompt: str, target: str) -> tuple[list[int], list[in
 
 
 def sft_microbatches(tokenizer, pairs: list[tuple[str, str]], micro_batch_size: int, pad_id: int) -> list[MicroBatch]:
-    """Right-padded micro-batches of a fixed length (pipeline stages need equal shapes)."""
+    """Right-padded micro-batches of a fixed length (pipeline stages need equal shapes), on the
+    runtime device."""
     encoded = [encode_pair(tokenizer, p, t) for p, t in pairs]
     length = max(len(ids) for ids, _ in encoded)
     tokens = torch.full((len(encoded), length), pad_id, dtype=torch.long)
@@ -30,6 +32,6 @@ def sft_microbatches(tokenizer, pairs: list[tuple[str, str]], micro_batch_size: 
         tokens[i, : len(ids)] = torch.tensor(ids)
         mask[i, : len(m)] = torch.tensor(m, dtype=torch.float)
     return [
-        MicroBatch.from_tokens(tokens[i : i + micro_batch_size], mask[i : i + micro_batch_size])
+        MicroBatch.from_tokens(tokens[i : i + micro_batch_size], mask[i : i + micro_batch_size]).to(runtime_device())
         for i in range(0, len(encoded), micro_batch_size)
     ]

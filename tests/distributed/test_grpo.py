@@ -20,8 +20,10 @@ ROOT = Path(__file__).resolve().parents[2]
 def _direction(tp: int) -> list[list[float]]:
     from copd_megatron.config import config_from_dict, validate
     from copd_megatron.distributed.init import init_model_parallel, set_seed
+    from copd_megatron.data.batch import TARGET, Batch
     from copd_megatron.model.build import build_branch
-    from copd_megatron.training.policy import PolicyBatch, compute_logprobs, policy_update
+    from copd_megatron.training.policy import policy_update
+    from copd_megatron.training.worker import WorkerSettings, score_batch
 
     cfg = config_from_dict({"schedule": {"mode": "smoke"}, "model": {"preset": "tiny"}, "parallel": {"tp": tp},
                             "precision": {"params_dtype": "fp32"}, "optimizer": {"lr": 1e-3, "weight_decay": 0.0}})  # fmt: skip
@@ -33,12 +35,15 @@ def _direction(tp: int) -> list[list[float]]:
     mask = torch.zeros(4, 11)
     mask[:, 5:] = 1  # the "response": only these targets are trained
     adv = torch.tensor([1.0, -1.0, 2.0, -0.5])[:, None] * mask
+    settings = WorkerSettings(vocab_size=500, temperature=1.0, micro_batch_size=2, max_new_tokens=10, loss=cfg.loss,
+                              opd=cfg.opd)  # fmt: skip
     seq_logp = []
     for _ in range(3):
-        old = compute_logprobs(branch.chunks, tokens, mask, 2, temperature=1.0, vocab_size=500)
+        batch = Batch(tokens).set("loss_mask", mask, TARGET).set("advantages", adv, TARGET)
+        old = score_batch(branch, batch, settings)["logprobs"]
         seq_logp.append((old * mask).sum(-1).tolist())
-        policy_update(branch, PolicyBatch(tokens, mask, adv, old), cfg.loss, micro_batch_size=2, temperature=1.0,
-                      vocab_size=500, max_len=10)  # fmt: skip
+        batch.set("old_logprobs", old, TARGET)
+        policy_update(branch, batch, cfg.loss, cfg.opd, micro_batch_size=2, temperature=1.0, vocab_size=500, max_len=10)
     return seq_logp
 
 

@@ -40,3 +40,33 @@ def _worker():
     qwen = _param_shapes(["parallel.tp=2", "model.tie_embeddings=true", "model.qk_layernorm=true",
                           "model.add_qkv_bias=true", "model.kv_channels=32"])  # fmt: skip
     return llama, qwen
+
+
+def _built_counts(variants: list[list[str]]) -> list[tuple[int, int]]:
+    from megatron.core import parallel_state as ps
+
+    from copd_megatron.config import config_from_dict, validate
+    from copd_megatron.config.summary import count_parameters
+    from copd_megatron.distributed.init import init_model_parallel, set_seed
+    from copd_megatron.model.build import build_model_chunks
+
+    out = []
+    for overrides in variants:
+        cfg = config_from_dict({"schedule": {"mode": "smoke"}, "model": {"preset": "tiny"}}, overrides)
+        if ps.model_parallel_is_initialized():
+            ps.destroy_model_parallel()
+        init_model_parallel(validate(cfg, dist.get_world_size()))
+        set_seed(0)
+        (chunk,) = build_model_chunks(cfg.model, cfg.parallel, cfg.precision)
+        out.append((count_parameters(cfg.model), sum(p.numel() for p in chunk.parameters())))
+    return out
+
+
+def test_closed_form_parameter_count_equals_the_built_model():
+    """The count `copd-train --check` prints, against Megatron's modules for every option."""
+    variants = [[], ["model.tie_embeddings=true", "model.qk_layernorm=true", "model.add_qkv_bias=true",
+                     "model.kv_channels=32", "model.num_query_groups=1"],
+                ["model.normalization=LayerNorm", "model.activation=gelu", "model.add_bias_linear=true",
+                 "model.vocab_size=300"]]  # fmt: skip
+    for closed_form, built in run_distributed(_built_counts, 1, args=(variants,), timeout=120)[0]:
+        assert closed_form == built

@@ -54,7 +54,7 @@ def _logits(branch, mb) -> torch.Tensor | None:
 
     from copd_megatron.training.forward import forward_collect
 
-    return forward_collect(branch.chunks, [mb], lambda logits, _mb: {"logits": gather_from_tensor_model_parallel_region(logits)})["logits"]
+    return forward_collect(branch, [mb], lambda logits, _mb: {"logits": gather_from_tensor_model_parallel_region(logits)})["logits"]
 
 
 def _run(tp: int, pp: int, ckpt_dir: str, save: bool, optimizer: str, save_after: str | None = None) -> dict:

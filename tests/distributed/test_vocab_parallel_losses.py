@@ -122,10 +122,11 @@ NAMES = ["logprobs", "logprobs_unchunked", "entropy", "log_softmax", "gather_at"
          "jsd", "symmetric_kl", "topk_kl", "policy_loss"]  # fmt: skip
 
 
-def _case(dtype_name, extreme, temp, group) -> dict:
-    tp, rank = L.vocab_parallel.tp_size_rank(group)
+def _case(dtype_name, extreme, temp, group, tp, pos) -> dict:
+    """This rank's results on shard ``pos`` of ``tp`` (its place in its TP group, known from how the
+    groups were built — not from the functions under test)."""
     s, t, y, ids, up, mask, old, adv = _inputs(dtype_name, extreme)
-    lo, hi = rank * V // tp, (rank + 1) * V // tp
+    lo, hi = pos * V // tp, (pos + 1) * V // tp
     out = {}
     for name in NAMES:
         shard = s[..., lo:hi].clone().requires_grad_(True)
@@ -172,8 +173,10 @@ def _world() -> dict:
         for start in range(0, world, tp):
             g = dist.new_group(list(range(start, start + tp)))
             if start <= rank < start + tp:
-                groups[tp] = g
-    results = {tp: [_case(d, e, temp, groups[tp]) for d, e, temp in CASES] for tp in TPS}
+                groups[tp] = (g, rank - start)
+    # Groups that do not hold global rank 0 (ranks 2-3 at TP=2, as the second data-parallel replica of
+    # a TP=2×DP=2 layout; ranks 1, 2, 3 at TP=1) must use their group rank for the shard offset.
+    results = {tp: [_case(d, e, temp, groups[tp][0], tp, groups[tp][1]) for d, e, temp in CASES] for tp in TPS}
     return {"tp": results, "pp": _pp_broadcast()}
 
 
@@ -198,14 +201,14 @@ def test_values_and_gradients_match_reference(world, case):
         weights = up.double()[..., None] if ref.dim() == 3 else up.double() if ref.dim() == 2 else 1.0
         (ref * weights).sum().backward()
         ref_grad = torch.cat([leaf.grad[..., :VOCAB], torch.zeros(B, T, V - VOCAB, dtype=torch.float64)], -1)
-        for tp in TPS:
-            ranks = [world[r]["tp"][tp][case][name] for r in range(tp)]  # the group holding ranks 0..tp-1
+        for tp, start in ((tp, start) for tp in TPS for start in range(0, len(world), tp)):  # every group
+            ranks = [world[r]["tp"][tp][case][name] for r in range(start, start + tp)]
             val, grad = ranks[0][0], torch.cat([r[1] for r in ranks], -1)
-            where = f"{name} tp={tp} {CASES[case]}"
+            where = f"{name} tp={tp} ranks {start}..{start + tp - 1} {CASES[case]}"
             assert torch.isfinite(val).all() and torch.isfinite(grad).all(), where
             assert all(r[2] is None for r in ranks), f"{where}: the teacher received a gradient"
-            for r in range(1, tp):  # every rank of the group holds the same per-token result
-                assert torch.equal(world[r]["tp"][tp][case][name][0], val), where
+            for r in ranks[1:]:  # every rank of the group holds the same per-token result
+                assert torch.equal(r[0], val), where
             torch.testing.assert_close(val, ref.detach().float(), **tol, msg=lambda m, w=where: f"{w} value: {m}")
             torch.testing.assert_close(grad, ref_grad.float(), **grad_tol, msg=lambda m, w=where: f"{w} grad: {m}")
             assert grad[..., VOCAB:].abs().max() == 0, f"{where}: padded vocabulary got a gradient"
@@ -221,8 +224,8 @@ def test_topk_overlap_symmetric_kl_and_opd_advantage(world, case):
     ref_lp_s = _lsm(s.double(), temp).gather(-1, y[..., None]).squeeze(-1)
     ref_lp_t = _lsm(t.double(), temp).gather(-1, y[..., None]).squeeze(-1)
     ref_sym = _kl(_lsm(s.double(), temp), _lsm(t.double(), temp)) + _kl(_lsm(t.double(), temp), _lsm(s.double(), temp))
-    for tp in TPS:
-        out = world[0]["tp"][tp][case]
+    for tp, rank in ((tp, r) for tp in TPS for r in range(len(world))):  # every rank of every group
+        out = world[rank]["tp"][tp][case]
         vals, top_ids = out["topk"]
         # The same values as a full-vocabulary top-k, and the ids point at them (ties may reorder ids).
         torch.testing.assert_close(vals, torch.topk(x / temp, K, -1).values, rtol=0, atol=0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -131,3 +132,50 @@ def test_cli_reports_config_errors_in_one_line_with_exit_code_2(tmp_path):
     ok = subprocess.run([sys.executable, "-m", "copd_megatron.cli", str(cfg), "parallel.tp=1", "--check"],
                         capture_output=True, text=True, cwd=ROOT, timeout=60)  # fmt: skip
     assert ok.returncode == 0 and "ok for world size 1" in ok.stdout
+
+
+def test_an_override_mistake_is_blamed_on_the_override_not_the_file():
+    for overrides, blamed in ((["foo.bar=1"], "override foo.bar=1: foo: unknown key"),
+                              (["model.num_attention_heads=3"], "override model.num_attention_heads=3: model.hidden_size"),
+                              (["parallel.tp"], "override parallel.tp: expected dotted key=value")):  # fmt: skip
+        with pytest.raises(ConfigError) as e:
+            load_config(ROOT / "configs/count_sort_cpu.yaml", overrides)
+        assert str(e.value).startswith(blamed), str(e.value)
+    bad = ROOT / "configs/count_sort_cpu.yaml"
+    with pytest.raises(ConfigError, match=r"^override model.preset=nope: model.preset: unknown preset"):
+        load_config(bad, ["model.preset=nope"])
+
+
+def test_resume_under_another_experiment_config_names_the_key():
+    from copd_megatron.config import check_resume, config_hash, experiment_dict
+
+    cfg = load_config(ROOT / "configs/count_sort_cpu.yaml")
+    state = {"config_hash": config_hash(cfg), "experiment": experiment_dict(cfg)}
+    check_resume(load_config(ROOT / "configs/count_sort_cpu.yaml", ["parallel.tp=2", "run_dir=x", "logging.level=DEBUG"]),
+                 state, "ck")  # fmt: skip
+    with pytest.raises(ConfigError, match=r"optimizer.lr is 5e-05 there and 0.001 now \(and 1 more\); only parallel"):
+        check_resume(load_config(ROOT / "configs/count_sort_cpu.yaml", ["optimizer.lr=1e-3", "branches.1.beta=0.5"]), state, "ck")
+    with pytest.raises(ConfigError, match="config hash abc there"):  # a checkpoint that only recorded the hash
+        check_resume(cfg, {"config_hash": "abc"}, "ck")
+
+
+def test_parameter_count_matches_published_sizes():
+    from copd_megatron.config.summary import count_parameters, describe_model
+
+    published = {"qwen3-8b": 8_190_735_360, "llama3-8b": 8_030_261_248, "qwen2.5-7b": 7_615_616_512,
+                 "llama3.2-1b": 1_235_814_400, "qwen3-0.6b": 596_049_920}  # fmt: skip
+    for preset, n in published.items():
+        model = load_config(None, [f"model.preset={preset}", "schedule.mode=smoke"]).model
+        assert count_parameters(model) == n, preset
+    assert "36 layers, hidden 4096, 32 heads (8 KV groups, head dim 128)" in describe_model(
+        load_config(ROOT / "configs/qwen3_8b.yaml").model)
+
+
+def test_readme_layout_check_of_the_real_size_config():
+    """The README's line: the 8B config checks as an 8B model at TP=8 on 64 ranks."""
+    env = {**os.environ, "WORLD_SIZE": "64", "RANK": "0"}
+    out = subprocess.run([sys.executable, "-m", "copd_megatron.cli", "configs/qwen3_8b.yaml", "--check-layout"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=120, env=env)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "ok for world size 64 (tp=8 pp=1 cp=1 ep=1 dp=8" in out.stdout
+    assert "preset qwen3-8b, 36 layers, hidden 4096, 32 heads" in out.stdout and "8.19B parameters" in out.stdout

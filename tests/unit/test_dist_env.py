@@ -20,7 +20,13 @@ def test_slurm_env_master_from_first_node_and_port_from_job_id():
     env = read_dist_env({"SLURM_PROCID": "5", "SLURM_NTASKS": "16", "SLURM_LOCALID": "5",
                          "SLURM_JOB_NODELIST": "dgx[07-08]", "SLURM_JOB_ID": "123456"})  # fmt: skip
     assert (env.rank, env.world_size, env.local_rank, env.launcher) == (5, 16, 5, "slurm")
-    assert env.master_addr == "dgx07" and env.master_port == 20000 + 123456 % 20000
+    assert env.master_addr == "dgx07" and env.master_port == 10000 + 123456 % 20000
+    # Below the kernel's ephemeral range (32768+), and MASTER_ADDR/MASTER_PORT win when exported.
+    assert all(10000 <= read_dist_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_JOB_ID": str(j)}).master_port
+               < 30000 for j in (0, 1, 19999, 20000, 987654321))  # fmt: skip
+    env = read_dist_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "dgx[07-08]",
+                         "SLURM_JOB_ID": "5", "MASTER_ADDR": "dgx07-ib", "MASTER_PORT": "29500"})  # fmt: skip
+    assert (env.master_addr, env.master_port) == ("dgx07-ib", 29500)
 
 
 def test_no_launcher_is_a_world_of_one():

@@ -174,22 +174,30 @@ def test_cli_user_errors_exit_2_with_one_line(tmp_path: Path, capsys: pytest.Cap
     from copd_megatron.checkpoint.convert_cli import main, parse_size
 
     assert parse_size("5GB") == 5 * 10**9 and parse_size("2GiB") == 2 * 2**30 and parse_size("100") == 100
-    hf_dir, out = tmp_path / "hf", tmp_path / "out"
+    hf_dir, out, empty, full = tmp_path / "hf", tmp_path / "out", tmp_path / "empty", tmp_path / "full"
     cases = [
         (["hf-to-mcore", "--hf-dir", str(tmp_path / "none"), "--out", str(out)], "directory not found"),
-        (["hf-to-mcore", "--hf-dir", str(tmp_path), "--out", str(out)], "config.json is missing"),
-        (["mcore-to-hf", "--mcore-dir", str(tmp_path), "--out", str(out)], "metadata.json is missing"),
+        (["hf-to-mcore", "--hf-dir", str(empty), "--out", str(out)], "config.json is missing"),
+        (["mcore-to-hf", "--mcore-dir", str(empty), "--out", str(out)], "(no metadata.json)"),
         (["hf-to-mcore", "--hf-dir", str(hf_dir), "--out", str(out), "--backend", "bridge"], "not installed"),
         (["hf-to-mcore", "--hf-dir", str(hf_dir), "--out", str(out)], "GPT2LMHeadModel"),
-        (["hf-to-mcore", "--hf-dir", str(hf_dir), "--out", str(tmp_path)], "not empty"),
-        (["mcore-to-hf", "--mcore-dir", str(tmp_path), "--out", str(out), "--max-shard-size", "lots"], "5GB"),
+        (["hf-to-mcore", "--hf-dir", str(hf_dir), "--out", str(full)], "not empty"),
+        # Never over the source, even with --force: the same directory, one inside it, one around it.
+        (["hf-to-mcore", "--hf-dir", str(hf_dir), "--out", str(hf_dir), "--force"], "is the input"),
+        (["hf-to-mcore", "--hf-dir", str(hf_dir), "--out", str(hf_dir / "x"), "--force"], "is inside the input"),
+        (["hf-to-mcore", "--hf-dir", str(hf_dir), "--out", str(tmp_path), "--force"], "contains the input"),
+        (["mcore-to-hf", "--mcore-dir", str(empty), "--out", str(out), "--max-shard-size", "lots"], "5GB"),
     ]
     hf_dir.mkdir()
+    empty.mkdir()
+    full.mkdir()
+    (full / "keep.txt").write_text("x")
     (hf_dir / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"]}))
     for argv, message in cases:
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1 and "Traceback" not in err, err
+    assert (full / "keep.txt").read_text() == "x" and not out.exists()  # nothing written, nothing lost
 
 
 def test_bridge_backend_is_called_as_megatron_bridge_documents(tmp_path: Path, monkeypatch, capsys) -> None:
@@ -226,8 +234,10 @@ def test_bridge_backend_is_called_as_megatron_bridge_documents(tmp_path: Path, m
     # auto: an architecture the built-in mappings do not know goes to Bridge when it is installed
     assert main(["hf-to-mcore", "--hf-dir", str(gpt2), "--out", str(tmp_path / "a")]) == 0
     assert main(["mcore-to-hf", "--mcore-dir", str(mcore), "--tokenizer-dir", str(gpt2), "--out", str(tmp_path / "b")]) == 0
-    assert calls == [("import_ckpt", str(gpt2), str(tmp_path / "a")), ("from_hf_pretrained", str(gpt2)),
-                     ("export_ckpt", str(mcore), str(tmp_path / "b"))]  # fmt: skip
+    # Bridge writes into the staging sibling, which is renamed to --out once it returns.
+    assert calls == [("import_ckpt", str(gpt2), str(tmp_path / ".a.partial")), ("from_hf_pretrained", str(gpt2)),
+                     ("export_ckpt", str(mcore), str(tmp_path / ".b.partial"))]  # fmt: skip
+    assert (tmp_path / "a").is_dir() and (tmp_path / "b").is_dir() and not (tmp_path / ".a.partial").exists()
     assert "Megatron-Bridge" in capsys.readouterr().out
     # Bridge's export needs the HF family directory: one line, no traceback
     assert main(["mcore-to-hf", "--mcore-dir", str(mcore), "--out", str(tmp_path / "c"), "--backend", "bridge"]) == 2

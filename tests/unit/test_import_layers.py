@@ -10,7 +10,7 @@ PKG = Path(__file__).resolve().parents[2] / "copd_megatron"
 # Rank of each subpackage; a module may import only packages of equal or lower rank.
 RANK = {
     "utils": 0, "config": 1, "distributed": 2, "testing": 2, "data": 2, "model": 3, "losses": 3,
-    "rewards": 3, "checkpoint": 4, "rollout": 4, "training": 5, "copd": 6, "trainer": 7, "cli": 8, "eval_cli": 8,
+    "rewards": 3, "checkpoint": 4, "rollout": 4, "training": 5, "copd": 6, "trainer": 7, "preflight": 7, "cli": 8, "eval_cli": 8,
 }  # fmt: skip
 # Where an import must stay lazy-free: only model/specs.py may import transformer_engine,
 # only rollout/vllm_engine.py may import vllm.

@@ -150,3 +150,14 @@ def test_stream_state_errors():
         next(s)
     with pytest.raises(DataError, match="at least one sample"):
         PromptStream([], seed=0)
+
+
+def test_parity_prompts_of_a_branch_without_data_interleave_every_domain():
+    from types import SimpleNamespace
+
+    from copd_megatron.copd.runtime import parity_prompts
+
+    sources = {"a": SimpleNamespace(held_out=["a0", "a1", "a2"]), "b": SimpleNamespace(held_out=["b0"])}
+    assert parity_prompts(sources, "a", 2) == ["a0", "a1"]
+    assert parity_prompts(sources, "mixed", 3) == ["a0", "b0", "a1"]  # the mixed baseline / MOPD student
+    assert parity_prompts(sources, "student", 10) == ["a0", "b0", "a1", "a2"]

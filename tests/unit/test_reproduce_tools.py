@@ -68,13 +68,16 @@ def test_driver_plans_every_recipe_and_merges_on_the_trainers_held_out_sets(tmp_
     assert set(jobs) == {"copd", "copd_beta0", "expert", "mixed", "static_opd_asc_to_desc", "static_opd_desc_to_asc",
                          "merge_average", "merge_ties_d0.5", "merge_dare_ties_p0.9"}  # fmt: skip
     beta0 = jobs["copd_beta0"].cmds[0]
-    assert {"branches.0.beta=0", "branches.1.beta=0", "seed=7", "optimizer.lr=2e-4"} <= set(beta0)
+    assert {"branches.0.beta=0", "branches.1.beta=0", "seed=7", "optimizer.lr=2e-4", "--force"} <= set(beta0)
+    # The driver's capture of a run's output lies beside its run_dir, never inside (one run per run_dir).
+    assert jobs["copd_beta0"].log == a.root / "copd_beta0" / "seed7.log"
     merge, ev = jobs["merge_ties_d0.5"].cmds
     assert merge[merge.index("--method") + 1 :][:3] == ["ties", "--density", "0.5"]
     assert merge[merge.index("--base") + 1] == str(a.base / "checkpoint")
     # copd-eval sees exactly the trainer's held-out prompts: same family, level, count and seed.
     assert "--set=asc=synthetic:asc:4" in ev and "--set=desc=synthetic:desc:4" in ev
-    for flag, value in (("--limit", cfg.eval.prompts_per_domain), ("--seed", cfg.eval.seed),
+    for flag, value in (("--limit", cfg.eval.prompts_per_domain), ("--heldout-seed", cfg.eval.seed),
+                        ("--seed", cfg.eval.seed),
                         ("--max-new-tokens", cfg.rollout.max_new_tokens), ("--samples", cfg.eval.samples)):  # fmt: skip
         assert ev[ev.index(flag) + 1] == str(value)
     # Work is counted in branch updates: CoPD = 2 branches x (36 RL + 1.3 x 24 OPD).

@@ -140,7 +140,9 @@ def _code(body: str) -> str:
     return f"Here is my solution:\n```python\n{body}\n```\n"
 
 
-def _run(body: str, timeout_s: float = 1.0) -> tuple[float, float]:
+def _run(body: str, timeout_s: float = 10.0) -> tuple[float, float]:
+    """Score ``body``; correct programs get a generous limit (an interpreter start can take over a
+    second on a loaded 2-core machine), the kill tests pass their own short one."""
     t0 = time.monotonic()
     score = code_mod.code_reward(_code(body), _s("", "code", tests=TESTS, timeout_s=timeout_s))
     return score, time.monotonic() - t0

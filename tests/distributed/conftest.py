@@ -1,0 +1,56 @@
+"""Fixtures of the distributed tests: one tiny base per session and the tests' CoPD config."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = ROOT / "tests" / "configs" / "copd_tiny.yaml"
+MODEL = ["model.num_layers=2", "model.hidden_size=64", "model.ffn_hidden_size=176"]
+
+
+@pytest.fixture(scope="session")
+def base(tmp_path_factory) -> Path:
+    """A small base (tokenizer + briefly SFT-ed tiny model on count and sort), built once per session."""
+    out = tmp_path_factory.mktemp("base")
+    cmd = [sys.executable, "tools/make_base.py", "--out", str(out), "--families", "count", "sort", "--difficulty", "4",
+           "--steps", "60", "--eval-prompts", "8", "--model", *MODEL]  # fmt: skip
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return out
+
+
+def base_overrides(base: Path) -> list[str]:
+    """Overrides that point the tests' config at ``base``."""
+    vocab = json.loads((base / "base.json").read_text())["vocab_size"]
+    return [f"tokenizer={base / 'tokenizer.model'}", f"checkpoint.base={base / 'checkpoint'}", f"model.vocab_size={vocab}"]
+
+
+def tiny_config(base: Path, run_dir: Path, *overrides: str):
+    """The tests' CoPD config on ``base``, writing to ``run_dir``."""
+    from copd_megatron.config import load_config
+
+    return load_config(TINY, [*base_overrides(base), f"run_dir={run_dir}", *overrides])
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def run_recipe_here(cfg):
+    """Validate, build the groups and run ``cfg`` in this (spawned) world; returns the eval table."""
+    import torch.distributed as dist
+
+    from copd_megatron.config import validate
+    from copd_megatron.distributed.init import init_model_parallel, set_seed
+    from copd_megatron.trainer import run_recipe
+
+    layout = validate(cfg, dist.get_world_size())
+    init_model_parallel(layout)
+    set_seed(cfg.seed)
+    return run_recipe(cfg, layout)
