@@ -136,7 +136,7 @@ def plot_merge(plt, root: Path, metric: str, path: Path) -> Path | None:
         return None
     groups = [[("CoPD " + d + " branch", "copd", d) for d in domains] + [("CoPD merged", "copd", "merged")],
               [(d + " expert", "expert", d) for d in domains]
-              + [(compare_runs._merge_label(r).removeprefix("Param-Merge "), r, "merged") for r in sorted(runs)
+              + [(compare_runs._merge_label(r).replace("Param-Merge (", "merge: ").removesuffix(")"), r, "merged") for r in sorted(runs)
                  if r.startswith("merge_")]]  # fmt: skip
     labels, values = [], []
     for group in groups:
