@@ -35,6 +35,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from copd_megatron.checkpoint.merge import NEEDS_BASE
+
 ROOT = Path(__file__).resolve().parent.parent
 MERGE_GRID = ["average", "ties_d0.2", "ties_d0.5", "dare_ties_p0.5", "dare_ties_p0.9"]
 MERGE_COST = 8  # a merge + evaluation costs about this many branch updates
@@ -131,8 +133,10 @@ def plan(a, cfg, py: str) -> list[Job]:
         for spec in a.merges:
             out = a.root / f"merge_{spec}" / f"seed{seed}"
             inputs = [f"{experts}/LAST/{b.name}" for b in cfg.branches]
-            merge = [py, "-m", "copd_megatron.checkpoint.merge_cli", "--inputs", *inputs, "--base", str(ckpt),
-                     "--seed", str(seed), "--out", str(out / "merged"), *merge_args(spec)]  # fmt: skip
+            method = merge_args(spec)
+            base = ["--base", str(ckpt)] if method[1] in NEEDS_BASE else []  # copd-merge refuses an unused base
+            merge = [py, "-m", "copd_megatron.checkpoint.merge_cli", "--inputs", *inputs, *base,
+                     "--seed", str(seed), "--out", str(out / "merged"), *method]  # fmt: skip
             ev = [py, "-m", "copd_megatron.eval_cli", "--checkpoint", str(out / "merged"), "--tokenizer", str(tok), *sets,
                   "--limit", str(cfg.eval.prompts_per_domain), "--heldout-seed", str(cfg.eval.seed),
                   "--seed", str(cfg.eval.seed), "--samples",

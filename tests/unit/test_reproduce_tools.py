@@ -74,6 +74,7 @@ def test_driver_plans_every_recipe_and_merges_on_the_trainers_held_out_sets(tmp_
     merge, ev = jobs["merge_ties_d0.5"].cmds
     assert merge[merge.index("--method") + 1 :][:3] == ["ties", "--density", "0.5"]
     assert merge[merge.index("--base") + 1] == str(a.base / "checkpoint")
+    assert "--base" not in jobs["merge_average"].cmds[0]  # copd-merge refuses a base that average does not use
     # copd-eval sees exactly the trainer's held-out prompts: same family, level, count and seed.
     assert "--set=asc=synthetic:asc:4" in ev and "--set=desc=synthetic:desc:4" in ev
     for flag, value in (("--limit", cfg.eval.prompts_per_domain), ("--heldout-seed", cfg.eval.seed),
