@@ -28,13 +28,20 @@ else ifneq ($(VLLM),none)
 	@echo "error: VLLM=$(VLLM); expected cpu, gpu or none"; exit 2
 endif
 
-# The CPU demo: make the tiny base (tokenizer + SFT), run 2-branch CoPD, merge, evaluate, plot.
-DEMO_BASE := runs/demo/base
+# The CPU demo on the testbed (docs/testbed.md): make the tiny base (tokenizer + SFT stopped
+# mid-learning), run 2-branch CoPD at DEMO_SEEDS (each merges and evaluates itself), print the
+# table over seeds (base vs merged CoPD, with the margin against the seed spread), plot seed 1.
+# Finished seeds are kept (a second `make demo` only reprints); a seed stopped halfway starts over (--force).
+DEMO_BASE  := runs/demo/base
+DEMO_SEEDS := 1 2 3
 demo: $(STAMP)
-	test -f $(DEMO_BASE)/base.json || $(PY) tools/make_base.py --out $(DEMO_BASE) --families count sort \
-		--difficulty 4 --steps 400 --model model.num_layers=4 model.hidden_size=128 model.ffn_hidden_size=352
-	$(PY) -m copd_megatron.cli configs/demo_cpu.yaml --force   # a re-run starts the demo over
-	$(PY) tools/plot_run.py runs/demo/copd --out runs/demo/copd/plots
+	test -f $(DEMO_BASE)/base.json || $(PY) tools/make_base.py --out $(DEMO_BASE) --preset testbed
+	for s in $(DEMO_SEEDS); do \
+		test -f runs/demo/copd/seed$$s/eval.json || $(PY) -m copd_megatron.cli configs/demo_cpu.yaml \
+			seed=$$s run_dir=runs/demo/copd/seed$$s --force || exit 1; \
+	done
+	$(PY) tools/plot_run.py runs/demo/copd/seed1 --out runs/demo/plots
+	$(PY) tools/compare_runs.py runs/demo --out runs/demo/table.md
 
 # The vision-language CPU demo: a tiny VLM base (tokenizer with <image>/<video>, CLIP ViT + projector +
 # the LM, SFT on count / shape_count / video_change), then 3-branch CoPD (text hub, image and video spokes).

@@ -1,12 +1,18 @@
 """Make the demo's base policy: a SentencePiece tokenizer and a tiny Llama-style Megatron model
 SFT-trained briefly on synthetic task families, so it solves some but not all prompts.
 
+    .venv/bin/python tools/make_base.py --out runs/demo/base --preset testbed   # the demo's base, <1 min
     .venv/bin/python tools/make_base.py --out runs/base                       # ~2 min on 2 CPU cores
     .venv/bin/python tools/make_base.py --out runs/base --families arithmetic reverse --steps 300
     # a vision-language base (LLaVA-style: tiny CLIP ViT + projector + the same language model)
     .venv/bin/python tools/make_base.py --out runs/vlm_base --vision tiny --families count shape_count video_motion
     # a tiny Qwen3-VL base (Qwen ViT with DeepStack taps + a language model with mRoPE)
     .venv/bin/python tools/make_base.py --out runs/qwen_vl_base --vision qwen3-vl-tiny --families count shape_count
+
+``--preset testbed`` is the base of ``configs/demo_cpu.yaml`` (docs/testbed.md): families
+``asc`` and ``desc``, SFT stopped mid-learning at a constant learning rate so that its sampled
+pass@1 (T = 1) is about 1/3 and its greedy pass@1 about 60% on both; flags given explicitly
+override the preset's values.
 
 Writes ``<out>/tokenizer.model``, ``<out>/checkpoint`` (torch_dist, loadable at any TP/PP) and
 ``<out>/base.json`` with the held-out pass@1 per family. With ``--vision PRESET`` the tokenizer
@@ -20,6 +26,7 @@ solves (the paper filters out pass rates of 0% and 100%); the defaults aim at 10
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import logging
@@ -39,9 +46,18 @@ from copd_megatron.utils.progress import Progress
 logger = logging.getLogger("make_base")
 
 
+# Chosen by tools/sweep_testbed.py (docs/testbed.md).
+PRESETS = {
+    "testbed": {"families": ["asc", "desc"], "difficulty": ["4"], "steps": 125, "lr": 1e-3, "lr_schedule": "constant",
+                "vocab_size": 280, "eval_prompts": 200, "eval_samples": 8,
+                "model": ["model.num_layers=4", "model.hidden_size=128", "model.ffn_hidden_size=352"]},
+}  # fmt: skip
+
+
 def _parser() -> OneLineParser:
     p = OneLineParser(prog="make_base.py", description=doc_summary(__doc__))
     p.add_argument("--out", required=True, help="output directory (new or empty; see --force)")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="a named set of defaults (explicit flags win)")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
     p.add_argument("--families", nargs="+", default=["arithmetic", "reverse", "count", "sort"])
     p.add_argument("--difficulty", nargs="+", default=["2"],
@@ -49,13 +65,29 @@ def _parser() -> OneLineParser:
     p.add_argument("--steps", type=int, default=250, help="SFT optimizer steps")
     p.add_argument("--batch", type=int, default=32, help="sequences per step")
     p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--lr-schedule", choices=["cosine", "constant"], default="cosine",
+                   help="constant stops SFT mid-learning (greedy not yet saturated); cosine anneals to lr/10")
     p.add_argument("--vocab-size", type=int, default=320, help="> 259: byte fallback needs 256 ids")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--eval-prompts", type=int, default=64)
+    p.add_argument("--eval-seed", type=int, default=12345,
+                   help="seed of the held-out prompts (12345 = the trainer's eval.seed default: the same test set)")
+    p.add_argument("--eval-samples", type=int, default=1,
+                   help="n of the sampled mean@n (temperature 1) reported beside greedy pass@1 (1 = greedy only)")
+    p.add_argument("--eval-every", type=int, default=0,
+                   help="also evaluate every N SFT steps (log only): where the learning curve crosses 20-50%%")
     p.add_argument("--model", nargs="*", default=[], help="model.* overrides, e.g. model.num_layers=4")
     p.add_argument("--vision", default=None,
                    help="vision preset (tiny, qwen3-vl-tiny, qwen2.5-vl-tiny): make a vision-language base")
     return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = _parser()
+    known, _ = p.parse_known_args(argv)
+    if known.preset:
+        p.set_defaults(**PRESETS[known.preset])
+    return p.parse_args(argv)
 
 
 def levels(families: list[str], spec: list[str]) -> dict[str, int]:
@@ -140,7 +172,7 @@ def make_base(args, out: Path | None = None) -> dict:
     cfg = config_from_dict({
         "seed": args.seed, "schedule": {"mode": "smoke"}, "precision": {"params_dtype": "fp32"},
         "model": _model_section(args, tok),
-        "optimizer": {"lr": args.lr, "lr_schedule": "cosine", "min_lr": args.lr / 10, "warmup_steps": 10,
+        "optimizer": {"lr": args.lr, "lr_schedule": args.lr_schedule, "min_lr": args.lr / 10, "warmup_steps": 10,
                       "weight_decay": 0.0},
         "parallel": {"micro_batch_size": args.batch},
     }, args.model)  # fmt: skip
@@ -153,24 +185,38 @@ def make_base(args, out: Path | None = None) -> dict:
                                provider)  # fmt: skip
     per_family = max(1, args.batch // len(args.families))
     pools = {f: _samples(cfg, f, per_family * args.steps, difficulty[f], args.seed) for f in args.families}
+    engine = MegatronEngine(branch.chunks[0], cfg.model.vocab_size, pad_id=tok.pad_id, decode=tok.decode,
+                            provider=provider, groups=groups)  # fmt: skip
+    held_out = {f: (_samples(cfg, f, args.eval_prompts, difficulty[f], args.eval_seed),
+                    get_verifier(f"synthetic_{f}")) for f in args.families}  # fmt: skip
+
+    def score() -> dict:
+        return evaluate(engine, tok, held_out, max_new_tokens=12, stop=["\n"], samples=args.eval_samples,
+                        temperature=1.0, seed=args.seed)  # fmt: skip
+
     progress = Progress("sft", args.steps, logger, unit="steps", every_s=10.0, enabled=torch.distributed.get_rank() == 0)
     for step in range(args.steps):
         batch = [s for f in args.families for s in pools[f][step * per_family : (step + 1) * per_family]]
         mine = batch[ps.get_data_parallel_rank() :: layout.dp]  # this data-parallel rank's share
         res = train_step(branch, _batches(tok, cfg, mine, tok.pad_id))
         progress.update(note=f"loss {res.loss:.4f}")
-    engine = MegatronEngine(branch.chunks[0], cfg.model.vocab_size, pad_id=tok.pad_id, decode=tok.decode,
-                            provider=provider, groups=groups)  # fmt: skip
-    held_out = {f: (_samples(cfg, f, args.eval_prompts, difficulty[f], args.seed + 999),
-                    get_verifier(f"synthetic_{f}")) for f in args.families}  # fmt: skip
-    scores = evaluate(engine, tok, held_out, max_new_tokens=12, stop=["\n"])
+        if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
+            logger.info("sft step %d held-out: %s", step + 1, _brief(score()))
+    scores = score()
+    logger.info("sft step %d held-out: %s", args.steps, _brief(scores))
     save_model([c.module for c in branch.chunks], out / "checkpoint", cfg.model, "fp32")
     summary = {"tokenizer": str(final / "tokenizer.model"), "checkpoint": str(final / "checkpoint"),
                "vocab_size": tok.vocab_size, "difficulty": difficulty, "model": dataclasses.asdict(cfg.model),
-               "pass@1": {f: v["pass@1"] for f, v in scores.items()}}  # fmt: skip
+               "pass@1": {f: v["pass@1"] for f, v in scores.items()},
+               **({f"mean@{args.eval_samples}": {f: v[f"mean@{args.eval_samples}"] for f, v in scores.items()}}
+                  if args.eval_samples > 1 else {})}  # fmt: skip
     if torch.distributed.get_rank() == 0:
         (out / "base.json").write_text(json.dumps(summary, indent=1))
     return summary
+
+
+def _brief(scores: dict) -> str:
+    return " | ".join(f"{f} " + " ".join(f"{k} {v:.2f}" for k, v in r.items() if k != "n") for f, r in scores.items())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -179,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     from copd_megatron.utils.logging import setup_logging
     from copd_megatron.utils.outputs import check_output, staged_dir
 
-    args = _parser().parse_args(argv)
+    args = parse_args(argv)
     try:
         visual = [f for f in args.families if get_family(f).visual]
         if visual and not args.vision:
@@ -205,9 +251,11 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         destroy_distributed()
     if env.rank == 0:
-        print("| family | base pass@1 |\n|---|---:|")
+        sampled = next((k for k in summary if k.startswith("mean@")), None)
+        print("| family | base greedy pass@1 |" + (f" base sampled {sampled} (T=1) |" if sampled else "")
+              + "\n|---|---:|" + ("---:|" if sampled else ""))  # fmt: skip
         for fam, v in summary["pass@1"].items():
-            print(f"| {fam} | {v:.2f} |")
+            print(f"| {fam} | {v:.2f} |" + (f" {summary[sampled][fam]:.2f} |" if sampled else ""))
     return 0
 
 

@@ -10,12 +10,19 @@ verifier ``synthetic_<family>``:
     reverse     "Q: reverse cabd\\nA:"            "dbac"  word length 2 + difficulty
     count       "Q: count b in abbcb\\nA:"        "3"     string length 3 + difficulty
     sort        "Q: sort dbca\\nA:"               "abcd"  word length 2 + difficulty
+    asc         "Q: asc 390720\\nA:"              "002379" digits (repeats allowed): 2 + difficulty
+    desc        "Q: desc 390720\\nA:"             "973200" digits (repeats allowed): 2 + difficulty
 
 Visual families (``rewards/visual.py``: coloured shapes in images and short videos, e.g.
 ``shape_count``, ``video_motion``) are registered here too; their samples carry the pixels in
 ``extra["images"]`` / ``extra["video"]`` and need a model with ``model.vision``.
 
-Words use the letters a-h only, so the vocabulary stays tiny. The policy's answer is its
+Words use the letters a-h only, so the vocabulary stays tiny. ``asc`` and ``desc`` are the
+CPU testbed (docs/testbed.md): one sub-skill (reading a multiset of digits, copies included,
+and emitting it in order) in two opposite compositions, so an expert of one answers the other
+wrongly, while what it learns about digits and copies is shared. Digits are one token each
+(the tokenizer splits digits), which letters are not (SentencePiece merges them into pieces,
+so "the 3rd letter" is not "the 3rd token"). The policy's answer is its
 completion up to the first newline (the rollout stop string), stripped of spaces; it must
 equal the reference exactly. Generation is deterministic in (family, difficulty, seed):
 the same call gives the same samples on every rank and in every run.
@@ -33,6 +40,7 @@ from copd_megatron.rewards.registry import register_verifier
 from copd_megatron.rewards.visual import VISUAL_MAKERS
 
 LETTERS = "abcdefgh"
+DIGITS = "0123456789"
 MIN_DIFFICULTY, MAX_DIFFICULTY = 1, 5
 
 
@@ -65,6 +73,23 @@ def _count(rng: random.Random, d: int) -> tuple[str, str]:
 def _sort(rng: random.Random, d: int) -> tuple[str, str]:
     w = _word(rng, 2 + d)
     return f"Q: sort {w}\nA:", "".join(sorted(w))
+
+
+def _digits(rng: random.Random, d: int) -> list[str]:
+    # Repeats allowed: a sorted answer must keep every copy ("3903" -> "0339"), so a model
+    # that only knows the order of the digits still fails; that is what keeps greedy decoding
+    # off the ceiling for a base that has partly learned the task.
+    return [rng.choice(DIGITS) for _ in range(2 + d)]
+
+
+def _asc(rng: random.Random, d: int) -> tuple[str, str]:
+    xs = _digits(rng, d)
+    return f"Q: asc {''.join(xs)}\nA:", "".join(sorted(xs))
+
+
+def _desc(rng: random.Random, d: int) -> tuple[str, str]:
+    xs = _digits(rng, d)
+    return f"Q: desc {''.join(xs)}\nA:", "".join(sorted(xs, reverse=True))
 
 
 @dataclass(frozen=True)
@@ -102,6 +127,8 @@ FAMILIES: dict[str, TaskFamily] = {
         TaskFamily("reverse", _reverse),
         TaskFamily("count", _count),
         TaskFamily("sort", _sort),
+        TaskFamily("asc", _asc),
+        TaskFamily("desc", _desc),
     )
 }
 # Families whose samples carry images / video frames (need a model with model.vision).

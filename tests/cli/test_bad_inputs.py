@@ -46,7 +46,7 @@ def ws(tmp_path_factory) -> Path:
     it = w / "ckpts" / "iter_0000002"
     for branch in ("count", "sort"):
         shutil.copytree(ckpt, it / branch)
-    other = load_config(ROOT / "configs/demo_cpu.yaml", _train_overrides(w)[:-1] + ["optimizer.lr=0.5"])
+    other = load_config(ROOT / "configs/count_sort_cpu.yaml", _train_overrides(w)[:-1] + ["optimizer.lr=0.5"])
     (it / "run_state.json").write_text(json.dumps({"iteration": 2, "config_hash": "0" * 16,
                                                     "experiment": experiment_dict(other)}))  # fmt: skip
     (it / "COMPLETE").write_text("ok\n")
@@ -80,7 +80,7 @@ def _train_overrides(w: Path) -> list[str]:
 
 def _cases(w: Path) -> list[tuple[str, list[str], dict, str]]:
     """(name, argv after ``python -m``, extra environment, expected text in the error line)."""
-    T = ["copd_megatron.cli", "configs/demo_cpu.yaml", *_train_overrides(w)]
+    T = ["copd_megatron.cli", "configs/count_sort_cpu.yaml", *_train_overrides(w)]
     C = ["--check"]
     E = ["copd_megatron.eval_cli", "--checkpoint", str(w / "base" / "checkpoint"), "--tokenizer",
          str(w / "base" / "tokenizer.model")]  # fmt: skip

@@ -63,7 +63,7 @@ def test_grpo_raises_mean_reward_on_a_synthetic_family(tmp_path):
                     "--difficulty", "4", "--steps", "400", "--model", "model.num_layers=4", "model.hidden_size=128",
                     "model.ffn_hidden_size=352"], cwd=ROOT, check=True, capture_output=True, timeout=600)  # fmt: skip
     run = tmp_path / "grpo"
-    subprocess.run([sys.executable, "-m", "copd_megatron.cli", "configs/demo_cpu.yaml", f"run_dir={run}",
+    subprocess.run([sys.executable, "-m", "copd_megatron.cli", "configs/count_sort_cpu.yaml", f"run_dir={run}",
                     f"tokenizer={base / 'tokenizer.model'}", f"checkpoint.base={base / 'checkpoint'}",
                     "schedule.mode=expert", "schedule.cycles=1", "schedule.s_rl=40", "schedule.s_opd=0",
                     "optimizer.lr=5e-4"],

@@ -105,3 +105,60 @@ def test_merge_refuses_bad_inputs_with_one_line_errors(tmp_path, capsys):
         (broken / missing).unlink()
         assert main(["--inputs", f"{a}/b0", str(broken), "--out", str(tmp_path / "m")]) == 2
         assert missing in capsys.readouterr().err
+
+
+def _trainer_branches_and_base(root: str) -> dict:
+    """A weights-only base (make_base's format) and two branches saved the trainer's way (weights
+    + Adam state + scheduler), as `copd-merge --base` meets them after `schedule.mode=expert`;
+    then TIES-merge them through the CLI and return the full tensors of base, branches, result."""
+    from pathlib import Path
+
+    from megatron.core import dist_checkpointing
+
+    from copd_megatron.checkpoint.dist_ckpt import save_model
+    from copd_megatron.checkpoint.manager import _materialise_optimizer_state, save_branch
+    from copd_megatron.checkpoint.merge_cli import main
+    from copd_megatron.config import config_from_dict, validate
+    from copd_megatron.distributed.init import init_model_parallel, set_seed
+    from copd_megatron.model.build import build_branch
+
+    cfg = config_from_dict({"schedule": {"mode": "smoke"}, "model": {"preset": "tiny", "num_layers": 2},
+                            "precision": {"params_dtype": "fp32"}, "optimizer": {"name": "adam"}})  # fmt: skip
+    init_model_parallel(validate(cfg, dist.get_world_size()))
+    set_seed(0)
+    branch = build_branch(cfg.model, cfg.parallel, cfg.precision, cfg.optimizer, 10)
+    model = branch.chunks[0].module
+    save_model([model], f"{root}/base", cfg.model, "fp32")
+    _materialise_optimizer_state(branch.optimizer)  # the Adam state a trained branch has
+    base = {k: v.clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+    for i in range(2):
+        torch.manual_seed(10 + i)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                p.copy_(base[name] + 0.05 * torch.randn_like(p))
+        save_branch(branch, Path(f"{root}/t{i}"), cfg.model, "fp32")
+    args = ["--inputs", f"{root}/t0", f"{root}/t1", "--base", f"{root}/base", "--method", "ties", "--density", "0.5"]
+    assert main([*args, "--out", f"{root}/ties"]) == 0
+    out = {d: dist_checkpointing.load_plain_tensors(f"{root}/{d}") for d in ("base", "t0", "t1", "ties")}
+    out["opt_keys"] = [k for k in out["t0"] if k.startswith("optimizer.")]
+    return out
+
+
+def test_merge_reads_trainer_branch_checkpoints_against_a_weights_only_base(tmp_path):
+    """Branch checkpoints carry optimizer state that a base does not: the merge compares and
+    reads the weights only (this combination is the Param-Merge baseline of the testbed)."""
+    out = run_distributed(_trainer_branches_and_base, 1, args=(str(tmp_path),), timeout=180)[0]
+    assert out["opt_keys"], "the trainer's branch checkpoint should hold optimizer state"
+    base, ties = out["base"], out["ties"]
+    assert set(ties) == set(base) and not any(k.startswith("optimizer.") for k in ties)
+    # The CLI's result is TIES of the weights as the model holds them: stacked [L, ...] tensors per
+    # layer, SwiGLU's fused fc1 as its gate and up halves (the HF gate_proj / up_proj).
+    for k in base:
+        layers = range(base[k].shape[0]) if k.startswith("decoder.layers.") else [slice(None)]
+        halves = 2 if k.endswith("mlp.linear_fc1.weight") else 1
+        for i in layers:
+            for h in range(halves):
+                t0, t1, b, got = (x[k][i].chunk(halves)[h] for x in (out["t0"], out["t1"], base, ties))
+                ref = merge_tensor([t0, t1], "ties", base=b, density=0.5)
+                torch.testing.assert_close(got, ref, rtol=0, atol=1e-6, msg=k)
+    assert any(not torch.equal(base[k], ties[k]) for k in base)

@@ -61,7 +61,7 @@ def _one_line_error(out: subprocess.CompletedProcess, expected: str) -> str:
 
 def _train_args(base: Path, run_dir: Path, *extra: str) -> list[str]:
     vocab = json.loads((base / "base.json").read_text())["vocab_size"]
-    return ["copd_megatron.cli", "configs/demo_cpu.yaml", f"tokenizer={base / 'tokenizer.model'}",
+    return ["copd_megatron.cli", "configs/count_sort_cpu.yaml", f"tokenizer={base / 'tokenizer.model'}",
             f"checkpoint.base={base / 'checkpoint'}", f"model.vocab_size={vocab}", *MODEL, f"run_dir={run_dir}",
             "schedule.cycles=1", "schedule.s_rl=1", "schedule.s_opd=1", "rollout.prompts_per_step=4",
             "rollout.group_size=4", "rollout.max_new_tokens=6", "eval.prompts_per_domain=8", "eval.samples=1",
@@ -338,7 +338,7 @@ def test_one_run_per_run_dir_force_and_resume(runs, tmp_path):
     _one_line_error(_cli(_train_args(runs["base"], done, "checkpoint.load_dir=null")), "is not empty")
     assert _checksums(done) == before
     _ok(_cli(_train_args(runs["base"], done, "--force")))
-    assert _steps(done) == [1, 2] and (done / "train.log").read_text().count("copd-train configs/demo_cpu.yaml") == 1
+    assert _steps(done) == [1, 2] and (done / "train.log").read_text().count("copd-train configs/count_sort_cpu.yaml") == 1
 
     run = tmp_path / "resumed"
     args = _train_args(runs["base"], run, "checkpoint.save_interval=1", "logging.tensorboard=true")
@@ -347,7 +347,7 @@ def test_one_run_per_run_dir_force_and_resume(runs, tmp_path):
     _ok(_cli([*args, f"checkpoint.load_dir={run / 'checkpoints'}"]))
     assert _steps(run) == [1, 2]
     log = (run / "train.log").read_text()
-    assert log.count("copd-train configs/demo_cpu.yaml") == 2 and "step 2/2" in log.split("resumed from")[-1]
+    assert log.count("copd-train configs/count_sort_cpu.yaml") == 2 and "step 2/2" in log.split("resumed from")[-1]
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(run / "tensorboard")).Reload()

@@ -139,9 +139,9 @@ def test_an_override_mistake_is_blamed_on_the_override_not_the_file():
                               (["model.num_attention_heads=3"], "override model.num_attention_heads=3: model.hidden_size"),
                               (["parallel.tp"], "override parallel.tp: expected dotted key=value")):  # fmt: skip
         with pytest.raises(ConfigError) as e:
-            load_config(ROOT / "configs/demo_cpu.yaml", overrides)
+            load_config(ROOT / "configs/count_sort_cpu.yaml", overrides)
         assert str(e.value).startswith(blamed), str(e.value)
-    bad = ROOT / "configs/demo_cpu.yaml"
+    bad = ROOT / "configs/count_sort_cpu.yaml"
     with pytest.raises(ConfigError, match=r"^override model.preset=nope: model.preset: unknown preset"):
         load_config(bad, ["model.preset=nope"])
 
@@ -149,12 +149,12 @@ def test_an_override_mistake_is_blamed_on_the_override_not_the_file():
 def test_resume_under_another_experiment_config_names_the_key():
     from copd_megatron.config import check_resume, config_hash, experiment_dict
 
-    cfg = load_config(ROOT / "configs/demo_cpu.yaml")
+    cfg = load_config(ROOT / "configs/count_sort_cpu.yaml")
     state = {"config_hash": config_hash(cfg), "experiment": experiment_dict(cfg)}
-    check_resume(load_config(ROOT / "configs/demo_cpu.yaml", ["parallel.tp=2", "run_dir=x", "logging.level=DEBUG"]),
+    check_resume(load_config(ROOT / "configs/count_sort_cpu.yaml", ["parallel.tp=2", "run_dir=x", "logging.level=DEBUG"]),
                  state, "ck")  # fmt: skip
     with pytest.raises(ConfigError, match=r"optimizer.lr is 5e-05 there and 0.001 now \(and 1 more\); only parallel"):
-        check_resume(load_config(ROOT / "configs/demo_cpu.yaml", ["optimizer.lr=1e-3", "branches.1.beta=0.5"]), state, "ck")
+        check_resume(load_config(ROOT / "configs/count_sort_cpu.yaml", ["optimizer.lr=1e-3", "branches.1.beta=0.5"]), state, "ck")
     with pytest.raises(ConfigError, match="config hash abc there"):  # a checkpoint that only recorded the hash
         check_resume(cfg, {"config_hash": "abc"}, "ck")
 

@@ -41,6 +41,9 @@ def _solve(prompt: str) -> str:
     if q.startswith("count "):
         _, letter, _, word = q.split()
         return str(word.count(letter))
+    if q.startswith(("asc ", "desc ")):
+        op, digits = q.split()
+        return "".join(sorted(digits, reverse=op == "desc"))
     a, op, b = __import__("re").fullmatch(r"(\d+)([-+*])(\d+)=", q).groups()
     return str({"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op])
 
@@ -97,3 +100,44 @@ def test_sft_text_and_jsonl(tmp_path):
     samples = generate("count", 5, 2, seed=0)
     write_jsonl(tmp_path / "count.jsonl", samples)
     assert list(PromptDataset(tmp_path / "count.jsonl")) == samples
+
+
+def _perturbations(answer: str) -> set[str]:
+    """Every near miss of an answer: one digit changed, dropped or added, two neighbours swapped,
+    the whole answer reversed."""
+    out = {answer[::-1], answer + answer[-1], answer[1:], answer[:-1]}
+    for i in range(len(answer)):
+        out |= {answer[:i] + c + answer[i + 1 :] for c in "0123456789"}
+        out |= {answer[:i] + c + answer[i:] for c in "0123456789"}
+        if i + 1 < len(answer):
+            out.add(answer[:i] + answer[i + 1] + answer[i] + answer[i + 2 :])
+    return out - {answer}
+
+
+@pytest.mark.parametrize("family", ["asc", "desc"])
+@pytest.mark.parametrize("difficulty", [1, 4, 5])
+def test_testbed_verifiers_are_exact(family, difficulty):
+    """The testbed's verifiers accept the generated answer (however the line ends) and no near miss."""
+    verify = get_verifier(f"synthetic_{family}")
+    for s in generate(family, 100, difficulty, seed=3):
+        assert len(s.answer) == 2 + difficulty and sorted(s.answer) == sorted(s.prompt.split()[2])
+        for ok in (s.answer, f" {s.answer}", f" {s.answer}\n", f" {s.answer} \nA: 123"):
+            assert verify(ok, s) == 1.0, (ok, s)
+        for bad in _perturbations(s.answer):
+            assert verify(f" {bad}\n", s) == 0.0, (bad, s)
+        other = "desc" if family == "asc" else "asc"  # the peer domain's answer to the same digits
+        peer = "".join(sorted(s.answer, reverse=other == "desc"))
+        assert verify(peer, s) == float(peer == s.answer)  # equal only when every digit is the same
+
+
+def test_testbed_generation_is_pinned():
+    """The demo's base, training data and held-out sets derive from these exact samples: a change
+    to the generator changes every published number, so it must be deliberate."""
+    assert [(s.prompt, s.answer) for s in generate("asc", 3, 4, seed=0)] == [
+        ("Q: asc 893676\nA:", "366789"), ("Q: asc 350608\nA:", "003568"), ("Q: asc 680681\nA:", "016688")]
+    assert [(s.prompt, s.answer) for s in generate("desc", 3, 4, seed=0)] == [
+        ("Q: desc 439759\nA:", "997543"), ("Q: desc 553693\nA:", "965533"), ("Q: desc 630700\nA:", "763000")]
+    held = generate("asc", 200, 4, seed=12345)  # the trainer's held-out set (eval.seed)
+    train = {s.prompt for s in generate("asc", 20000, 4, seed=1)}
+    assert len({s.prompt for s in held}) >= 198  # 10^6 digit strings: duplicates are rare
+    assert len({s.prompt for s in held} & train) <= 10  # and so is overlap with a run's training pool

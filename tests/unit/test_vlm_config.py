@@ -78,7 +78,7 @@ def test_layout_rules_for_the_vision_tower(overrides, world, expected):
 def test_text_config_hash_ignores_the_absent_vision_section():
     from copd_megatron.config.load import _RESUMABLE
 
-    cfg = load_config("configs/demo_cpu.yaml")
+    cfg = load_config("configs/count_sort_cpu.yaml")
     tree = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _RESUMABLE}
     tree["model"].pop("vision")
     tree["schedule"].pop("train_steps")
