@@ -220,7 +220,6 @@ def _brief(scores: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from copd_megatron.config.schema import ConfigError
     from copd_megatron.distributed.init import destroy_distributed, init_distributed, read_dist_env
     from copd_megatron.utils.logging import setup_logging
     from copd_megatron.utils.outputs import check_output, staged_dir

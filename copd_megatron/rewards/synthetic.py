@@ -103,7 +103,6 @@ class TaskFamily:
         """``n`` samples; an int seed gives the same samples as the module-level :func:`generate`."""
         check_difficulty(difficulty)
         rng = rng_or_seed if isinstance(rng_or_seed, random.Random) else _rng(self.name, difficulty, rng_or_seed)
-        out = []
         return [self.sample(rng, difficulty, i) for i in range(n)]
 
     def sample(self, rng: random.Random, difficulty: int, index: int) -> PromptSample:
