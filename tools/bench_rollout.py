@@ -4,11 +4,13 @@ transformers ``generate`` (the reference a user would reach for), at several mod
     .venv/bin/python tools/bench_rollout.py                                # 2 sizes, 16 prompts x 16 tokens, 64 new
     .venv/bin/python tools/bench_rollout.py --new-tokens 256 --sizes 41m
     .venv/bin/python tools/bench_rollout.py --engines megatron megatron-nokv hf   # the KV cache's effect, no vLLM
+    .venv/bin/python tools/bench_rollout.py --engines hf megatron --ragged       # prompts of 8..32 tokens
 
 One process builds a random Llama-style Megatron model (fp32, TP=1), exports it in memory to
 HF tensors (the live export vLLM is synced with), loads the same tensors into transformers'
 ``LlamaForCausalLM`` and starts vLLM (its CPU build here) from them. Every engine decodes the
-same prompts greedily; a "same tokens" column compares each engine's tokens with transformers'.
+same prompts greedily; a "same tokens" column counts the rows whose new tokens equal transformers'
+(a row can part on a near-tie of two logits: the engines sum in different orders).
 
 Columns: tokens/s = new tokens / wall time of one ``generate`` (best of ``--repeats``); TTFT =
 wall time of a ``generate`` with one new token (prefill + first sample, batch included);
@@ -63,7 +65,7 @@ def _rss_mb_of_children() -> float:
 
 
 def _bench(size: str, engines: list[str], batch: int, prompt_len: int, new_tokens: int, repeats: int,
-           syncs: int, threads: int) -> list[dict]:  # fmt: skip
+           syncs: int, threads: int, ragged: bool = False) -> list[dict]:  # fmt: skip
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
     from types import SimpleNamespace
@@ -76,7 +78,7 @@ def _bench(size: str, engines: list[str], batch: int, prompt_len: int, new_token
     from copd_megatron.rollout.types import SamplingParams
 
     torch.set_num_threads(threads)
-    cfg = config_from_dict({"schedule": {"mode": "smoke"}, "model": _model_cfg(size, prompt_len + new_tokens + 8),
+    cfg = config_from_dict({"schedule": {"mode": "smoke"}, "model": _model_cfg(size, 2 * prompt_len + new_tokens + 8),
                             "precision": {"params_dtype": "fp32"},
                             "rollout": {"vllm": {"kv_cache_gb": 0.5, "max_num_seqs": batch}}})  # fmt: skip
     init_model_parallel(validate(cfg, dist.get_world_size()))
@@ -86,25 +88,34 @@ def _bench(size: str, engines: list[str], batch: int, prompt_len: int, new_token
                              mp=ps.get_model_parallel_group())  # fmt: skip
     export = lambda: export_hf_weights(chunks, cfg.model, groups)  # noqa: E731
     g = torch.Generator().manual_seed(0)
-    prompts = torch.randint(3, cfg.model.vocab_size, (batch, prompt_len), generator=g).tolist()
+    if ragged:  # lengths spread over [prompt_len / 2, 2 * prompt_len], as RL prompts are
+        lens = torch.randint(max(1, prompt_len // 2), 2 * prompt_len + 1, (batch,), generator=g).tolist()
+    else:
+        lens = [prompt_len] * batch
+    prompts = [torch.randint(3, cfg.model.vocab_size, (n,), generator=g).tolist() for n in lens]
+    longest = max(lens)
+    # Each engine's new tokens, row by row (every row generates exactly new_tokens: min_new_tokens).
+    responses = lambda b: torch.stack([b.tokens[i, n : n + new_tokens] for i, n in enumerate(lens)])  # noqa: E731
     greedy, first = SamplingParams(max_new_tokens=new_tokens, greedy=True), SamplingParams(max_new_tokens=1, greedy=True)
     params = sum(p.numel() for c in chunks for p in c.parameters())
     runs: dict[str, tuple] = {}  # engine name -> (generate(params), tokens of its output, extra columns)
     if "hf" in engines:
         model = _hf_model(cfg, dict(export()))
-        ids = torch.tensor(prompts)
+        # Left-padded with an attention mask, as transformers batches prompts of different lengths.
+        ids = torch.tensor([[0] * (longest - len(q)) + q for q in prompts])
+        attention = torch.tensor([[0] * (longest - len(q)) + [1] * len(q) for q in prompts])
 
         def hf_gen(p):
             with torch.no_grad():
-                return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=p.max_new_tokens,
+                return model.generate(ids, attention_mask=attention, max_new_tokens=p.max_new_tokens,
                                       min_new_tokens=p.max_new_tokens, do_sample=False, pad_token_id=0)  # fmt: skip
 
-        runs["transformers generate"] = (hf_gen, lambda out: out[:, prompt_len:], {})
+        runs["transformers generate"] = (hf_gen, lambda out: out[:, longest:], {})
     for name, kv in (("megatron", True), ("megatron-nokv", False)):
         if name in engines:
             engine_m = MegatronEngine(chunks[0], cfg.model.vocab_size, use_kv_cache=kv)
             runs[f"Megatron engine{'' if kv else ' (no KV cache)'}"] = (
-                lambda p, e=engine_m: e.generate(prompts, p), lambda b: b.tokens[:, prompt_len:], {})
+                lambda p, e=engine_m: e.generate(prompts, p), responses, {})
     vllm_engine = None
     if "vllm" in engines:
         from copd_megatron.rollout.engine import EngineContext, build_engine
@@ -113,7 +124,7 @@ def _bench(size: str, engines: list[str], batch: int, prompt_len: int, new_token
         ctx = EngineContext(cfg.model, cfg.rollout, chunks, None, SimpleNamespace(pad_id=0), groups, export)
         vllm_engine = build_engine("vllm", ctx)
         extra = {"start_s": time.perf_counter() - t0, "rss_mb": _rss_mb_of_children()}
-        runs["vLLM (CPU build)"] = (lambda p: vllm_engine.generate(prompts, p), lambda b: b.tokens[:, prompt_len:], extra)
+        runs["vLLM (CPU build)"] = (lambda p: vllm_engine.generate(prompts, p), responses, extra)
     # Interleaved repeats (engine A, B, C, A, B, C, ...) so that a burst of load from other jobs on
     # the machine hits every engine alike; the best time of each is reported.
     # Also the CPU time of this process per full generate: with one torch thread it is the work the
@@ -144,7 +155,7 @@ def _bench(size: str, engines: list[str], batch: int, prompt_len: int, new_token
         rows[-1]["sync_s"] = sum(vllm_engine.sync_seconds) / len(vllm_engine.sync_seconds)
         vllm_engine.close()
     for r in rows:
-        r["same"] = "-" if reference is None else ("yes" if torch.equal(r.pop("tokens"), reference) else "no")
+        r["same"] = "-" if reference is None else f"{int((r.pop('tokens') == reference).all(1).sum())}/{batch}"
         r.pop("tokens", None)
     return rows
 
@@ -157,17 +168,20 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--prompt-len", type=int, default=16)
     p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--ragged", action="store_true",
+                   help="prompt lengths spread over [prompt-len/2, 2*prompt-len] (transformers: left-padded)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--syncs", type=int, default=3, help="vLLM weight updates to time")
     p.add_argument("--threads", type=int, default=1, help="torch threads of the Megatron / transformers engines")
     a = p.parse_args()
-    print(f"batch={a.batch} prompt={a.prompt_len} new_tokens={a.new_tokens} greedy fp32 TP=1 "
+    prompt = f"{max(1, a.prompt_len // 2)}-{2 * a.prompt_len} (ragged)" if a.ragged else a.prompt_len
+    print(f"batch={a.batch} prompt={prompt} new_tokens={a.new_tokens} greedy fp32 TP=1 "
           f"threads={a.threads} (best of {a.repeats})")  # fmt: skip
     print("| model | engine | tokens/s | TTFT (s) | CPU ms per token | same tokens as transformers | vLLM start (s) "
           "| vLLM RSS (MiB) | weight sync per update (s) |\n|---|---|---:|---:|---:|---|---:|---:|---:|")  # fmt: skip
     for size in a.sizes:
         rows = run_distributed(_bench, 1, args=(size, a.engines, a.batch, a.prompt_len, a.new_tokens, a.repeats,
-                                                a.syncs, a.threads), timeout=3600)[0]  # fmt: skip
+                                                a.syncs, a.threads, a.ragged), timeout=3600)[0]  # fmt: skip
         for r in rows:
             extra = [f"{r[k]:.{d}f}" if k in r else "" for k, d in (("start_s", 1), ("rss_mb", 0), ("sync_s", 2))]
             cpu = f"{r['cpu_ms']:.2f}" if "cpu_ms" in r else ""

@@ -81,6 +81,8 @@ def _patch_tensor_methods() -> None:
     orig_to, orig_type = torch.Tensor.to, torch.Tensor.type
 
     def to(self, *args, **kwargs):
+        if not kwargs and len(args) == 1 and isinstance(args[0], torch.dtype):
+            return orig_to(self, args[0])  # the common dtype cast: no device to route
         args = tuple(_to_cpu_device(a) if isinstance(a, (str, torch.device)) else a for a in args)
         if "device" in kwargs:
             kwargs["device"] = _to_cpu_device(kwargs["device"])

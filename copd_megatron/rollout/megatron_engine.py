@@ -1,13 +1,25 @@
 """Megatron-native rollouts: batched sampling with the training model itself and a KV cache.
 
-Prompts of different lengths are handled the way Megatron-LM's static generation does it:
-the whole batch is prefilled up to the shortest prompt, then advanced one position per step
-for everyone; a sequence whose prompt is not exhausted yet is fed its next prompt token
-instead of a sample. No padding ever enters attention, positions are exact, and after the
-prefill every step is a single-token forward against Megatron's ``StaticInferenceContext``
-KV cache (``sequence_len_offset`` advances by the tokens consumed). The model runs through its
-provider (``provider.forward(chunk, micro_batch, inference_context=...)``), so vision-language
-models prefill with their media.
+Prompts of different lengths. On text GPT models with RoPE and Megatron's own (local) attention
+(the CPU path), the batch is left-padded to its longest prompt and prefilled in one forward: the
+padding keys are masked out of every query (Megatron's masked softmax gives them probability 0)
+and each row gets its own rotary angles (position ``j - pad``), so every real token sees exactly
+the positions and context it has alone. Elsewhere (TE attention, which drops the mask once
+decoding starts; sequence parallelism; vision-language models, whose providers place their own
+positions and media) it is done the way Megatron-LM's static generation does it: the whole batch
+is prefilled up to the shortest prompt, then advanced one position per step for everyone, a
+sequence whose prompt is not exhausted yet being fed its next prompt token instead of a sample.
+Either way, after the prefill every step is a single-token forward against Megatron's
+``StaticInferenceContext`` KV cache (``sequence_len_offset`` advances by the tokens consumed). The
+model runs through its provider (``provider.forward(chunk, micro_batch, inference_context=...)``),
+so vision-language models prefill with their media.
+
+Decoding is bound by per-layer work outside the matmuls on CPU, so for the duration of a
+``generate`` the engine also: stores keys in the cache already rotated (Megatron rotates the whole
+cached prefix again at every step), computes RoPE's cosines and sines once per step for all layers,
+runs TP=1 linear layers as the plain matmul they are, and applies the output layer to the last
+position only. Each is the same arithmetic as Megatron's path (see the functions below); the
+benchmark is ``tools/bench_rollout.py``.
 
 Sampling is per request: a request's k-th response token is drawn by inverse-CDF sampling with
 the uniform ``counter_uniforms(seed, k)``, so its completion depends on its own seed and tokens
@@ -57,8 +69,9 @@ def _filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor
     return logits
 
 
-def sample_tokens(logits: torch.Tensor, params: SamplingParams, uniforms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sample from ``[n, V]`` full-vocabulary logits with one U[0,1) per row (inverse CDF). Returns
+def sample_tokens(logits: torch.Tensor, params: SamplingParams, uniforms: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample from ``[n, V]`` full-vocabulary logits with one U[0,1) per row (inverse CDF; greedy
+    decoding takes the argmax and needs no uniforms). Returns
     ids ``[n]`` and their log-probs under the distribution sampled from (after temperature/top-k/top-p)."""
     logits = logits.float()
     if params.greedy:
@@ -70,6 +83,136 @@ def sample_tokens(logits: torch.Tensor, params: SamplingParams, uniforms: torch.
     target = (uniforms.to(cdf.device) * cdf[:, -1]).unsqueeze(-1)
     ids = torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp(max=logits.shape[-1] - 1)
     return ids, logp.gather(-1, ids[:, None]).squeeze(-1)
+
+
+def _rotate_half_rope(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Megatron's unfused, non-interleaved RoPE (``_apply_rotary_pos_emb_bshd``) with its cosines and
+    sines given: ``t * cos + rotate_half(t) * sin`` on the first ``cos.shape[-1]`` channels, the same
+    operations in the same order."""
+    rot = cos.shape[-1]
+    x = t[..., :rot] if rot < t.shape[-1] else t
+    x1, x2 = torch.chunk(x, 2, dim=-1)
+    y = x * cos + torch.cat((-x2, x1), dim=-1) * sin
+    return y if rot == t.shape[-1] else torch.cat((y, t[..., rot:]), dim=-1)
+
+
+def _rotate_cached_keys_once(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """Store keys in the KV cache already rotated, so each step applies RoPE to its new positions only.
+
+    Megatron's static-batching cache stores keys *before* RoPE and rotates the whole cached prefix
+    again at every step, in every layer (the new key is appended, then ``apply_rotary_pos_emb`` runs
+    on ``key[:end]``): per step O(length) work, and the largest non-matmul cost of decoding on CPU.
+    RoPE acts on each position independently, so rotating positions ``start:end`` once, as they are
+    written, and handing attention ``k_pos_emb=None`` (Megatron then skips the key rotation) gives
+    the same keys. With Megatron's unfused, non-interleaved RoPE (the CPU path) the queries are
+    rotated here too, with cosines and sines computed once per step for all layers instead of twice
+    per layer (same formula, see ``_rotate_half_rope``); otherwise (TE's fused RoPE, interleaved,
+    MLA) the new keys are rotated by Megatron's own ``apply_rotary_pos_emb`` with the arguments its
+    attention passes, and the queries by the attention itself. Installed per attention module for the
+    duration of one ``generate``; returns the modules it was installed on."""
+    from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
+    from megatron.core.transformer.attention import Attention
+
+    modules = [m for m in unwrap(model).modules() if isinstance(m, Attention) and not m.config.flash_decode]
+    tables: dict = {}  # this step's (cos, sin), shared by the layers (keyed by the angles' tensor)
+
+    def cos_sin(freqs: torch.Tensor, mscale: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (freqs.data_ptr(), tuple(freqs.shape), freqs.stride(), freqs._version, mscale, dtype)
+        if key not in tables:
+            tables.clear()  # one step at a time; holding ``freqs`` keeps its memory from being reused
+            tables[key] = (freqs, (torch.cos(freqs) * mscale).to(dtype), (torch.sin(freqs) * mscale).to(dtype))
+        return tables[key][1:]
+
+    for attn in modules:
+        cfg = attn.config
+        own = not (cfg.apply_rope_fusion or cfg.rotary_interleaved or cfg.multi_latent_attention)
+
+        def adjusted(ctx, query, key, value, rotary_pos_emb, *args, _attn=attn, _own=own,
+                     _original=attn._adjust_key_value_for_inference, **kwargs):  # fmt: skip
+            out = _original(ctx, query, key, value, rotary_pos_emb, *args, **kwargs)
+            q, k, v, rope, mask_type, block_table = out
+            if ctx is None or not ctx.is_static_batching() or rope is None or rope[1] is None:
+                return out
+            start = ctx.sequence_len_offset
+            end = start + key.size(0)  # ``k`` is the cache's [:end] view: rotate the new rows in place
+            # Self-attention: the queries' angles are the new keys' (one table, sliced the same way).
+            same = rope[0] is not None and rope[0].data_ptr() == rope[1][start:end].data_ptr() and q.dtype == k.dtype
+            if _own and same and rope[0].shape == rope[1][start:end].shape:
+                cos, sin = cos_sin(rope[1], _attn._yarn_concentration_factor, k.dtype)
+                cos, sin = cos[start:end], sin[start:end]
+                k[start:end] = _rotate_half_rope(k[start:end], cos, sin)
+                return _rotate_half_rope(q, cos, sin), k, v, (None, None), mask_type, block_table
+            k[start:end] = apply_rotary_pos_emb(k[start:end], rope[1][start:end], config=_attn.config,
+                                                mscale=_attn._yarn_concentration_factor, cp_group=_attn.pg_collection.cp)  # fmt: skip
+            return q, k, v, (rope[0], None), mask_type, block_table
+
+        attn._adjust_key_value_for_inference = adjusted
+    return modules
+
+
+def _direct_linears(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """Run Megatron's own (local) linear layers of a tensor-parallel group of one rank as the one
+    matmul they are, without the autograd-function and communication wrappers around it.
+
+    Decoding on CPU is bound by per-layer Python work once the KV cache makes each step one token:
+    with TP=1 ``ColumnParallelLinear`` / ``RowParallelLinear`` go through an identity copy to the TP
+    region, an autograd function, an identity reduction and several process-group queries per call.
+    Their arithmetic is ``torch.matmul(x, weight.t())`` then ``+ bias`` (unless the bias is returned
+    for a fused bias-add), which is what this runs: the same operations, in the same order. Layers
+    with TP > 1, sequence parallelism, CPU offloading or deferred weight-gradient buffers, and
+    Transformer Engine's layers, keep their own forward. Returns the modules it was installed on."""
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+
+    out = []
+    for m in unwrap(model).modules():
+        if type(m) not in (ColumnParallelLinear, RowParallelLinear) or m.tp_group.size() != 1:
+            continue
+        if m.sequence_parallel or m.config._cpu_offloading_context is not None or m.config.defer_embedding_wgrad_compute:
+            continue
+
+        def forward(input_, weight=None, runtime_gather_output=None, _m=m):
+            output = torch.matmul(input_, (_m.weight if weight is None else weight).t())
+            if _m.bias is not None and not _m.skip_bias_add:
+                return output + _m.bias, None
+            return output, _m.bias if _m.skip_bias_add else None
+
+        m.forward = forward
+        out.append(m)
+    return out
+
+
+class _LeftPadding:
+    """A batch whose row ``i`` starts with ``left[i]`` padding positions: positions, attention masks
+    and per-row rotary angles for it. While installed, the model's rotary module returns, for every
+    buffer position ``j`` and row ``i``, the angles of position ``j - left[i]`` (Megatron's own table,
+    gathered per row), so each real token is rotated exactly as in training; the mask hides the padding
+    keys from every query (Megatron's masked softmax sets them to -10000 before the softmax, so they
+    get probability exactly 0 in fp32). ``restore`` puts the rotary module back."""
+
+    def __init__(self, model: torch.nn.Module, left: list[int], total: int, device) -> None:
+        self.left = torch.tensor(left, device=device)
+        self.rope = unwrap(model).rotary_pos_emb
+        table = self.rope(total)[:, 0, 0, :]  # [total, d]: Megatron's angles of positions 0..total-1
+        where = (torch.arange(total, device=device)[:, None] - self.left[None, :]).clamp(min=0)
+        rows = table[where.to(table.device)].unsqueeze(2)  # [total, n, 1, d]: broadcasts over heads
+
+        def forward(max_seq_len: int, offset: int = 0, packed_seq: bool = False, cp_group=None) -> torch.Tensor:
+            return rows[offset : offset + max_seq_len]
+
+        self.rope.forward = forward
+
+    def positions(self, offset: int, s: int) -> torch.Tensor:
+        pos = torch.arange(offset, offset + s, device=self.left.device)
+        return (pos[None, :] - self.left[:, None]).clamp(min=0)
+
+    def mask(self, offset: int, s: int) -> torch.Tensor:
+        """``[n, 1, s, offset+s]``, True = masked: later positions (causal) and padding keys."""
+        q = torch.arange(offset, offset + s, device=self.left.device)
+        k = torch.arange(offset + s, device=self.left.device)
+        return ((k[None, :] > q[:, None])[None] | (k[None, None, :] < self.left[:, None, None])).unsqueeze(1)
+
+    def restore(self) -> None:
+        del self.rope.forward  # back to the class's (cached) forward
 
 
 class MegatronEngine:
@@ -94,6 +237,7 @@ class MegatronEngine:
         self.decode = decode  # needed for stop strings
         self.use_kv_cache = use_kv_cache
         self.forward = forward_of(provider)
+        self._provider = provider
         self.never_sample = list(getattr(provider, "never_sample", ()))  # e.g. image placeholder ids
         self.groups = groups if groups is not None else (shared_groups() if dist.is_initialized() else None)
         self.weight_version = 0
@@ -123,68 +267,112 @@ class MegatronEngine:
         t0 = time.perf_counter()
         n, dev = len(requests), self.device
         host_lens = [len(r.prompt_ids) for r in requests]
-        total = max(host_lens) + params.max_new_tokens
-        tokens = torch.full((n, total), self.pad_id, dtype=torch.long)
-        for i, r in enumerate(requests):
-            tokens[i, : len(r.prompt_ids)] = torch.tensor(r.prompt_ids)
-        # Every per-step tensor lives on the device; the only per-step sync is the "all done?" test.
-        tokens, lens = tokens.to(dev), torch.tensor(host_lens, device=dev)
-        seeds = torch.tensor([int(r.seed) for r in requests], dtype=torch.int64, device=dev)
-        logprobs = torch.zeros(n, total, device=dev)
-        done = torch.zeros(n, dtype=torch.bool, device=dev)
-        finished = torch.zeros(n, dtype=torch.bool, device=dev)
-        resp_lens = torch.zeros(n, dtype=torch.long, device=dev)
+        longest = max(host_lens)
+        total = longest + params.max_new_tokens
         media = [r.media for r in requests]
         # Sequence parallelism splits every input over the TP ranks, and TE's linear layers fix the
         # flag when they are built: decoding keeps SP on, recomputes the prefix (no KV cache) and pads
         # it to a multiple of TP. Without SP: prefill once, then one token per step against the cache.
         sp = bool(getattr(unwrap(self.model).config, "sequence_parallel", False))
         pad = self.groups.tp_size if sp and self.groups is not None else 1
+        # Prompts of different lengths: left-aligned to the longest one and prefilled together, with
+        # the padding masked out of attention and per-row rotary positions (see ``_LeftPadding``), on
+        # the models where that is exact; otherwise the batch prefills the shortest prompt's length
+        # and feeds the rest of the longer prompts one position per step.
+        left = [longest - length for length in host_lens] if longest != min(host_lens) and self._can_left_pad(media, sp) else None
+        tokens = torch.full((n, total), self.pad_id, dtype=torch.long)
+        for i, r in enumerate(requests):
+            at = 0 if left is None else left[i]
+            tokens[i, at : at + len(r.prompt_ids)] = torch.tensor(r.prompt_ids)
+        # Every per-step tensor lives on the device; the only per-step sync is the "all done?" test.
+        tokens = tokens.to(dev)
+        # Where each row's response begins in ``tokens`` (left-padded: after the longest prompt).
+        host_first = host_lens if left is None else [longest] * n
+        first = torch.tensor(host_first, device=dev)
+        seeds = torch.tensor([int(r.seed) for r in requests], dtype=torch.int64, device=dev)
+        logprobs = torch.zeros(n, total, device=dev)
+        done = torch.zeros(n, dtype=torch.bool, device=dev)
+        finished = torch.zeros(n, dtype=torch.bool, device=dev)
+        resp_lens = torch.zeros(n, dtype=torch.long, device=dev)
         ctx = StaticInferenceContext(n, total) if self.use_kv_cache and not sp else None
         was_training = self.model.training
         self.model.eval()
         prev, steps = 0, 0
         hook = self._output_on_last_position() if ctx is not None else None
+        rotated = _rotate_cached_keys_once(self.model) if ctx is not None else []
+        direct = _direct_linears(self.model)
+        padded = _LeftPadding(self.model, left, total, dev) if left is not None else None
         try:
             with precision_pass([self.model], self.precision, "generate"):
-                for cur in range(min(host_lens), total):
+                for cur in range(min(host_first), total):
                     start = prev if ctx is not None else 0
-                    last_logits = self._forward_last(tokens[:, start:cur], start, ctx, media, pad)
+                    last_logits = self._forward_last(tokens[:, start:cur], start, ctx, media, pad, padded)
                     prev, steps = cur, steps + 1
-                    u = counter_uniforms(seeds, (cur - lens).clamp(min=0))  # the k-th response token's draw
+                    # The k-th response token's draw (greedy decoding draws nothing).
+                    u = None if params.greedy else counter_uniforms(seeds, (cur - first).clamp(min=0))
                     ids, lps = self._sample_and_share(last_logits, params, u, n)
-                    generating = (lens <= cur) & ~done  # position `cur` is a response position
-                    tokens[:, cur] = torch.where(generating, ids, torch.where(lens <= cur, self.pad_id, tokens[:, cur]))
+                    generating = (first <= cur) & ~done  # position `cur` is a response position
+                    tokens[:, cur] = torch.where(generating, ids, torch.where(first <= cur, self.pad_id, tokens[:, cur]))
                     logprobs[:, cur] = torch.where(generating, lps, 0.0)
                     resp_lens += generating.long()
-                    stopped = generating & self._stopped(tokens, lens, cur, params)
+                    stopped = generating & self._stopped(tokens, first, cur, params)
                     finished |= stopped
-                    done |= stopped | (generating & (cur + 1 - lens >= params.max_new_tokens))
+                    done |= stopped | (generating & (cur + 1 - first >= params.max_new_tokens))
                     if bool(done.all()):
                         break
         finally:
             if hook is not None:
                 hook.remove()
+            for module in rotated:
+                del module._adjust_key_value_for_inference  # back to the class's method
+            for module in direct:
+                del module.forward
+            if padded is not None:
+                padded.restore()
             self.model.train(was_training)
         # The rollout goes to the host once: decoding, verifiers and batch bookkeeping run there.
         tokens, logprobs, resp_lens, finished = tokens.cpu(), logprobs.cpu(), resp_lens.cpu(), finished.cpu()
         lens = torch.tensor(host_lens)
         length = int((lens + resp_lens).max())
-        seconds = time.perf_counter() - t0
         pos = torch.arange(length)[None, :]
         mask = ((pos >= lens[:, None]) & (pos < (lens + resp_lens)[:, None])).float()
+        if left is not None:  # back to the batch layout: every prompt at position 0
+            at = (pos + torch.tensor(left)[:, None]).clamp(max=total - 1)
+            keep = pos < (lens + resp_lens)[:, None]
+            tokens = torch.where(keep, tokens.gather(1, at), self.pad_id)
+            logprobs = torch.where(keep, logprobs.gather(1, at), 0.0)
+        seconds = time.perf_counter() - t0
         meta = {"decode_steps": steps, "seconds": seconds, "tokens_per_s": float(resp_lens.sum()) / max(seconds, 1e-9)}
         return RolloutBatch(tokens[:, :length], lens, resp_lens, logprobs[:, :length], mask, finished, meta,
                             self.weight_version, media)  # fmt: skip
 
-    def _stopped(self, tokens, lens, cur, params) -> torch.Tensor:
+    def _can_left_pad(self, media: list, sp: bool) -> bool:
+        """Left-padding is exact where padding can be masked and positions set per row: text-only
+        requests, a plain GPT model with RoPE, and Megatron's own (local) core attention, whose
+        softmax applies the attention mask at every step. TE's attention drops the mask once decoding
+        starts, sequence parallelism pads the sequence itself, and the vision-language providers place
+        their own positions."""
+        from megatron.core.models.gpt import GPTModel
+        from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+        from copd_megatron.model.provider import GPTProvider
+
+        model = unwrap(self.model)
+        if sp or any(media) or not (self._provider is None or type(self._provider) is GPTProvider):
+            return False
+        if type(model) is not GPTModel or model.position_embedding_type != "rope" or model.config.flash_decode:
+            return False
+        cores = [m.core_attention for m in model.modules() if hasattr(m, "core_attention")]
+        return bool(cores) and all(type(c) is DotProductAttention for c in cores)
+
+    def _stopped(self, tokens, first, cur, params) -> torch.Tensor:
         stop = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
         if params.stop_token_ids:
             stop |= torch.isin(tokens[:, cur], torch.tensor(params.stop_token_ids, device=tokens.device))
         if params.stop_strings:  # decoding text needs the host: one copy of the rows per step
-            rows, host_lens = tokens[:, : cur + 1].cpu(), lens.cpu().tolist()
-            hit = [cur >= host_lens[i] and any(s in self.decode(rows[i, host_lens[i] :].tolist())
-                                              for s in params.stop_strings) for i in range(len(host_lens))]  # fmt: skip
+            rows, starts = tokens[:, : cur + 1].cpu(), first.cpu().tolist()
+            hit = [cur >= starts[i] and any(s in self.decode(rows[i, starts[i] :].tolist())
+                                           for s in params.stop_strings) for i in range(len(starts))]  # fmt: skip
             stop |= torch.tensor(hit, dtype=torch.bool, device=tokens.device)
         return stop
 
@@ -200,11 +388,12 @@ class MegatronEngine:
         # Megatron's layout is [s, n, h]: keep the last position, as a length-1 sequence.
         return layers[0].register_forward_pre_hook(lambda module, args: (args[0][-1:], *args[1:]))
 
-    def _forward_last(self, tokens: torch.Tensor, offset: int, ctx, media: list, pad: int = 1) -> torch.Tensor | None:
+    def _forward_last(self, tokens: torch.Tensor, offset: int, ctx, media: list, pad: int = 1,
+                      padded: _LeftPadding | None = None) -> torch.Tensor | None:  # fmt: skip
         """Run positions ``offset..offset+s`` through this rank's stage; on the last stage
         return the full-vocabulary logits of the final position ``[n, V]`` (else None). ``pad``:
         right-pad the input to a multiple of it (sequence parallelism; causal attention keeps the
-        real positions' outputs exact)."""
+        real positions' outputs exact). ``padded``: the batch is left-padded (positions and mask)."""
         from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
 
         g = self.groups
@@ -221,10 +410,13 @@ class MegatronEngine:
             # Hidden states of the previous stage for these positions ([s, n, h], Megatron's layout).
             dist.recv(recv, src=g.pp_global(g.pp_rank - 1), group=g.pp)
             model.set_input_tensor(recv)
-        mb = MicroBatch(tokens, tokens, torch.zeros(n, s, device=tokens.device), rows=n, offset=offset)
-        if any(media):
-            mb.fields["media"] = media
-        out = self.forward(self.model, mb, inference_context=ctx)
+        if padded is not None:
+            out = self.model(tokens, padded.positions(offset, s), padded.mask(offset, s), inference_context=ctx)
+        else:
+            mb = MicroBatch(tokens, tokens, torch.zeros(n, s, device=tokens.device), rows=n, offset=offset)
+            if any(media):
+                mb.fields["media"] = media
+            out = self.forward(self.model, mb, inference_context=ctx)
         if ctx is not None:
             ctx.sequence_len_offset += s
         if not last:
@@ -235,12 +427,16 @@ class MegatronEngine:
         logits = out[:, real - 1 - s, :].float()
         if g is not None and g.tp_size > 1:
             logits = gather_from_tensor_model_parallel_region(logits, g.tp)  # [n, V]: one position only
-        logits[:, self.vocab_size :] = float("-inf")  # padded vocabulary entries
-        logits[:, self.never_sample] = float("-inf")  # ids the model reserves (image placeholders)
+        if logits.shape[-1] > self.vocab_size:
+            logits[:, self.vocab_size :] = float("-inf")  # padded vocabulary entries
+        if self.never_sample:
+            logits[:, self.never_sample] = float("-inf")  # ids the model reserves (image placeholders)
         return logits
 
     def _sample_and_share(self, logits, params, uniforms, n) -> tuple[torch.Tensor, torch.Tensor]:
         g = self.groups
+        if g is None or (g.tp_size == 1 and g.pp_size == 1):  # this rank sampled and needs nobody's tokens
+            return sample_tokens(logits, params, uniforms)
         packed = torch.zeros(2, n, device=self.device)
         if logits is not None:
             ids, lps = sample_tokens(logits, params, uniforms)

@@ -122,14 +122,17 @@ def _decode_paths() -> dict:
     for name, kv, pad in (("kv_cache", True, 1), ("recompute_padded_to_4", False, 4)):
         eng = MegatronEngine(br.chunks[0], VOCAB, 0, provider=br.provider, groups=br.groups, use_kv_cache=kv)
         orig = eng._forward_last
-        eng._forward_last = lambda t, off, ctx, media, _pad=1, orig=orig, pad=pad: orig(t, off, ctx, media, pad)
+        eng._forward_last = lambda t, off, ctx, media, _pad=1, padded=None, orig=orig, pad=pad: orig(t, off, ctx, media, pad, padded)
+        if pad > 1:  # sequence parallelism's path: the prompts are never left-padded
+            eng._can_left_pad = lambda media, sp: False
         outs[name] = eng.generate(reqs, SamplingParams(max_new_tokens=6, temperature=0.8, seed=0))
     a, b = outs["kv_cache"], outs["recompute_padded_to_4"]
     return {"tokens": torch.equal(a.tokens, b.tokens), "lp": float((a.logprobs - b.logprobs).abs().max())}
 
 
 def test_padded_recompute_decoding_equals_kv_cache_decoding(results) -> None:
-    """The sequence-parallel decode path (no KV cache, input padded to a multiple of TP) samples the
-    same tokens as KV-cached decoding (here at TP=1 with a pad multiple of 4: the local spec has no SP)."""
+    """The sequence-parallel decode path (no KV cache, input padded to a multiple of TP, ragged prompts
+    fed one position per step) samples the same tokens as KV-cached decoding of the left-padded batch
+    (here at TP=1 with a pad multiple of 4: the local spec has no SP)."""
     res = results["decode"]
     assert res["tokens"] and res["lp"] < 1e-5, res

@@ -40,7 +40,8 @@ def _reference(ckpt: str) -> dict:
     top1 = make(True).generate(PROMPTS, SamplingParams(max_new_tokens=8, top_k=1, seed=9))
     first = int(with_kv.tokens[0, 3])
     stopped = make(True).generate(PROMPTS[:1], SamplingParams(max_new_tokens=8, greedy=True, stop_token_ids=(first,)))
-    return {"kv": with_kv, "no_kv": no_kv, "sampled": sampled, "top1": top1, "stopped": stopped}
+    alone = [make(True).generate([p], greedy) for p in PROMPTS]  # no padding anywhere: the reference
+    return {"kv": with_kv, "no_kv": no_kv, "sampled": sampled, "top1": top1, "stopped": stopped, "alone": alone}
 
 
 def _layouts(ckpt: str) -> list:
@@ -61,6 +62,11 @@ def test_kv_cache_tp_and_pp_match_tp1(tmp_path):
     assert torch.equal(kv.tokens, no_kv.tokens)
     torch.testing.assert_close(kv.logprobs, no_kv.logprobs, rtol=1e-5, atol=1e-5)
     assert kv.response_lens.tolist() == [8, 8, 8, 8]
+    # Ragged prompts are prefilled together, left-padded with the padding masked and per-row
+    # positions: each row decodes as it does alone in a batch of one.
+    for i, one in enumerate(ref["alone"]):
+        assert torch.equal(kv.tokens[i, : one.tokens.shape[1]], one.tokens[0]), f"prompt {i}: batched != alone"
+        torch.testing.assert_close(kv.logprobs[i, : one.tokens.shape[1]], one.logprobs[0], rtol=1e-5, atol=1e-5)
     # Prompts are kept, responses start right after them, the mask covers exactly the responses.
     for i, p in enumerate(PROMPTS):
         assert kv.tokens[i, : len(p)].tolist() == p
@@ -81,3 +87,18 @@ def test_kv_cache_tp_and_pp_match_tp1(tmp_path):
             torch.testing.assert_close(greedy.logprobs, kv.logprobs, rtol=1e-4, atol=1e-4)
         # Every rank of the model-parallel group ends up with the very same samples.
         assert torch.equal(per_rank[0][3].tokens, per_rank[1][3].tokens)
+
+
+def test_engine_rope_is_megatrons_rope_bit_for_bit() -> None:
+    """The engine rotates new keys and queries with cosines and sines computed once per step; the
+    values are those of Megatron's own unfused RoPE, bit for bit (full and partial rotary dims)."""
+    from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
+
+    from copd_megatron.rollout.megatron_engine import _rotate_half_rope
+
+    g = torch.Generator().manual_seed(0)
+    for rot in (64, 32):  # rotary_percent 1 and 0.5 of a 64-channel head
+        t = torch.randn(5, 3, 4, 64, generator=g)
+        freqs = torch.randn(5, 3, 1, rot, generator=g) * 10  # per-row angles, as left padding makes them
+        ours = _rotate_half_rope(t, torch.cos(freqs), torch.sin(freqs))
+        assert torch.equal(ours, _apply_rotary_pos_emb_bshd(t, freqs)), rot
