@@ -35,6 +35,7 @@ SIZES = {
     # name: (layers, hidden, ffn, heads, kv heads, vocab); tied embeddings. 41m = the model.
     "11m": (4, 256, 688, 4, 4, 32000),
     "41m": (8, 512, 1376, 8, 8, 32000),
+    "41m-gqa": (8, 512, 1376, 8, 2, 32000),  # grouped-query attention (4 query heads per KV head)
 }
 
 
@@ -162,7 +163,7 @@ def _bench(size: str, engines: list[str], batch: int, prompt_len: int, new_token
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
+    p.add_argument("--sizes", nargs="+", default=["11m", "41m"], choices=list(SIZES))
     p.add_argument("--engines", nargs="+", default=["hf", "megatron", "vllm"],
                    choices=["hf", "megatron", "megatron-nokv", "vllm"])  # fmt: skip
     p.add_argument("--batch", type=int, default=16)

@@ -181,6 +181,46 @@ def _direct_linears(model: torch.nn.Module) -> list[torch.nn.Module]:
     return out
 
 
+def _grouped_query_attention(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """Grouped-query attention without copying the cache: Megatron's local ``DotProductAttention``
+    expands the keys and values to one copy per query head (``repeat_interleave`` over the whole
+    ``[:end]`` cache, in every layer, at every step). Here the queries of a KV group are stacked
+    instead, ``[b*groups, heads_per_group*sq, hn]``, and multiplied against the group's keys and
+    values once: the same scaled scores, the same masked softmax module (the attention's own
+    ``scale_mask_softmax``), the same probability-weighted values, in the same head order. The
+    attention dropout is left out: it is the identity while decoding (eval mode). Installed (per
+    module, for one ``generate``) on local attention with more than one query head per group and
+    no softmax offset; returns the modules it was installed on."""
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    out = []
+    for m in unwrap(model).modules():
+        if type(m) is not DotProductAttention or m.softmax_offset is not None:
+            continue
+        rep = m.num_attention_heads_per_partition // m.num_query_groups_per_partition
+        if rep == 1:
+            continue
+
+        def forward(query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                    packed_seq_params=None, _m=m, _rep=rep):  # fmt: skip
+            sq, b, heads, hn = query.shape
+            sk, groups = key.shape[0], key.shape[2]
+            # [sq, b, groups*rep, hn] -> [b*groups, rep*sq, hn]: head h = g*rep + r, as repeat_interleave
+            q = query.reshape(sq, b, groups, _rep, hn).permute(1, 2, 3, 0, 4).reshape(b * groups, _rep * sq, hn)
+            k = key.reshape(sk, b * groups, hn).transpose(0, 1)  # [b*groups, sk, hn], a view of the cache
+            scores = torch.baddbmm(torch.empty(b * groups, _rep * sq, sk, dtype=q.dtype, device=q.device),
+                                   q, k.transpose(1, 2), beta=0.0, alpha=_m.softmax_scale)  # fmt: skip
+            probs = _m.scale_mask_softmax(scores.view(b, heads, sq, sk), attention_mask, None)
+            v = value.reshape(sk, b * groups, hn).transpose(0, 1)
+            context = torch.bmm(probs.reshape(b * groups, _rep * sq, sk), v)  # [b*groups, rep*sq, hn]
+            context = context.view(b, groups, _rep, sq, hn).permute(3, 0, 1, 2, 4)
+            return context.reshape(sq, b, _m.hidden_size_per_partition)
+
+        m.forward = forward
+        out.append(m)
+    return out
+
+
 class _LeftPadding:
     """A batch whose row ``i`` starts with ``left[i]`` padding positions: positions, attention masks
     and per-row rotary angles for it. While installed, the model's rotary module returns, for every
@@ -300,7 +340,7 @@ class MegatronEngine:
         prev, steps = 0, 0
         hook = self._output_on_last_position() if ctx is not None else None
         rotated = _rotate_cached_keys_once(self.model) if ctx is not None else []
-        direct = _direct_linears(self.model)
+        direct = _direct_linears(self.model) + _grouped_query_attention(self.model)
         padded = _LeftPadding(self.model, left, total, dev) if left is not None else None
         try:
             with precision_pass([self.model], self.precision, "generate"):

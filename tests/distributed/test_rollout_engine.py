@@ -41,7 +41,18 @@ def _reference(ckpt: str) -> dict:
     first = int(with_kv.tokens[0, 3])
     stopped = make(True).generate(PROMPTS[:1], SamplingParams(max_new_tokens=8, greedy=True, stop_token_ids=(first,)))
     alone = [make(True).generate([p], greedy) for p in PROMPTS]  # no padding anywhere: the reference
-    return {"kv": with_kv, "no_kv": no_kv, "sampled": sampled, "top1": top1, "stopped": stopped, "alone": alone}
+    # The tiny preset has 2 query heads per KV group: the engine's grouped attention vs Megatron's
+    # own DotProductAttention (which expands the cached keys and values per head).
+    import copd_megatron.rollout.megatron_engine as engine_module
+
+    grouped = engine_module._grouped_query_attention
+    engine_module._grouped_query_attention = lambda model: []
+    try:
+        megatron_attention = make(True).generate(PROMPTS, greedy)
+    finally:
+        engine_module._grouped_query_attention = grouped
+    return {"kv": with_kv, "no_kv": no_kv, "sampled": sampled, "top1": top1, "stopped": stopped, "alone": alone,
+            "megatron_attention": megatron_attention}
 
 
 def _layouts(ckpt: str) -> list:
@@ -62,6 +73,8 @@ def test_kv_cache_tp_and_pp_match_tp1(tmp_path):
     assert torch.equal(kv.tokens, no_kv.tokens)
     torch.testing.assert_close(kv.logprobs, no_kv.logprobs, rtol=1e-5, atol=1e-5)
     assert kv.response_lens.tolist() == [8, 8, 8, 8]
+    assert torch.equal(kv.tokens, ref["megatron_attention"].tokens)
+    torch.testing.assert_close(kv.logprobs, ref["megatron_attention"].logprobs, rtol=1e-5, atol=1e-5)
     # Ragged prompts are prefilled together, left-padded with the padding masked and per-row
     # positions: each row decodes as it does alone in a batch of one.
     for i, one in enumerate(ref["alone"]):
