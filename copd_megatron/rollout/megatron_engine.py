@@ -85,6 +85,16 @@ def sample_tokens(logits: torch.Tensor, params: SamplingParams, uniforms: torch.
     return ids, logp.gather(-1, ids[:, None]).squeeze(-1)
 
 
+Overrides = list[tuple[torch.nn.Module, str]]  # (module, attribute) set for one ``generate``
+
+
+def _override(module: torch.nn.Module, name: str, value, overrides: Overrides) -> None:
+    """Shadow ``module.<name>`` (a method) with ``value`` on this instance; ``generate`` deletes every
+    recorded attribute at its end, which brings back the class's own."""
+    setattr(module, name, value)
+    overrides.append((module, name))
+
+
 def _rotate_half_rope(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Megatron's unfused, non-interleaved RoPE (``_apply_rotary_pos_emb_bshd``) with its cosines and
     sines given: ``t * cos + rotate_half(t) * sin`` on the first ``cos.shape[-1]`` channels, the same
@@ -96,7 +106,7 @@ def _rotate_half_rope(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> 
     return y if rot == t.shape[-1] else torch.cat((y, t[..., rot:]), dim=-1)
 
 
-def _rotate_cached_keys_once(model: torch.nn.Module) -> list[torch.nn.Module]:
+def _rotate_cached_keys_once(model: torch.nn.Module, overrides: Overrides) -> None:
     """Store keys in the KV cache already rotated, so each step applies RoPE to its new positions only.
 
     Megatron's static-batching cache stores keys *before* RoPE and rotates the whole cached prefix
@@ -109,7 +119,7 @@ def _rotate_cached_keys_once(model: torch.nn.Module) -> list[torch.nn.Module]:
     per layer (same formula, see ``_rotate_half_rope``); otherwise (TE's fused RoPE, interleaved,
     MLA) the new keys are rotated by Megatron's own ``apply_rotary_pos_emb`` with the arguments its
     attention passes, and the queries by the attention itself. Installed per attention module for the
-    duration of one ``generate``; returns the modules it was installed on."""
+    duration of one ``generate``."""
     from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
     from megatron.core.transformer.attention import Attention
 
@@ -146,11 +156,10 @@ def _rotate_cached_keys_once(model: torch.nn.Module) -> list[torch.nn.Module]:
                                                 mscale=_attn._yarn_concentration_factor, cp_group=_attn.pg_collection.cp)  # fmt: skip
             return q, k, v, (rope[0], None), mask_type, block_table
 
-        attn._adjust_key_value_for_inference = adjusted
-    return modules
+        _override(attn, "_adjust_key_value_for_inference", adjusted, overrides)
 
 
-def _direct_linears(model: torch.nn.Module) -> list[torch.nn.Module]:
+def _direct_linears(model: torch.nn.Module, overrides: Overrides) -> None:
     """Run Megatron's own (local) linear layers of a tensor-parallel group of one rank as the one
     matmul they are, without the autograd-function and communication wrappers around it.
 
@@ -160,10 +169,9 @@ def _direct_linears(model: torch.nn.Module) -> list[torch.nn.Module]:
     Their arithmetic is ``torch.matmul(x, weight.t())`` then ``+ bias`` (unless the bias is returned
     for a fused bias-add), which is what this runs: the same operations, in the same order. Layers
     with TP > 1, sequence parallelism, CPU offloading or deferred weight-gradient buffers, and
-    Transformer Engine's layers, keep their own forward. Returns the modules it was installed on."""
+    Transformer Engine's layers, keep their own forward."""
     from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 
-    out = []
     for m in unwrap(model).modules():
         if type(m) not in (ColumnParallelLinear, RowParallelLinear) or m.tp_group.size() != 1:
             continue
@@ -176,12 +184,10 @@ def _direct_linears(model: torch.nn.Module) -> list[torch.nn.Module]:
                 return output + _m.bias, None
             return output, _m.bias if _m.skip_bias_add else None
 
-        m.forward = forward
-        out.append(m)
-    return out
+        _override(m, "forward", forward, overrides)
 
 
-def _grouped_query_attention(model: torch.nn.Module) -> list[torch.nn.Module]:
+def _grouped_query_attention(model: torch.nn.Module, overrides: Overrides) -> None:
     """Grouped-query attention without copying the cache: Megatron's local ``DotProductAttention``
     expands the keys and values to one copy per query head (``repeat_interleave`` over the whole
     ``[:end]`` cache, in every layer, at every step). Here the queries of a KV group are stacked
@@ -190,10 +196,9 @@ def _grouped_query_attention(model: torch.nn.Module) -> list[torch.nn.Module]:
     ``scale_mask_softmax``), the same probability-weighted values, in the same head order. The
     attention dropout is left out: it is the identity while decoding (eval mode). Installed (per
     module, for one ``generate``) on local attention with more than one query head per group and
-    no softmax offset; returns the modules it was installed on."""
+    no softmax offset."""
     from megatron.core.transformer.dot_product_attention import DotProductAttention
 
-    out = []
     for m in unwrap(model).modules():
         if type(m) is not DotProductAttention or m.softmax_offset is not None:
             continue
@@ -216,9 +221,7 @@ def _grouped_query_attention(model: torch.nn.Module) -> list[torch.nn.Module]:
             context = context.view(b, groups, _rep, sq, hn).permute(3, 0, 1, 2, 4)
             return context.reshape(sq, b, _m.hidden_size_per_partition)
 
-        m.forward = forward
-        out.append(m)
-    return out
+        _override(m, "forward", forward, overrides)
 
 
 class _LeftPadding:
@@ -227,19 +230,19 @@ class _LeftPadding:
     buffer position ``j`` and row ``i``, the angles of position ``j - left[i]`` (Megatron's own table,
     gathered per row), so each real token is rotated exactly as in training; the mask hides the padding
     keys from every query (Megatron's masked softmax sets them to -10000 before the softmax, so they
-    get probability exactly 0 in fp32). ``restore`` puts the rotary module back."""
+    get probability exactly 0 in fp32)."""
 
-    def __init__(self, model: torch.nn.Module, left: list[int], total: int, device) -> None:
+    def __init__(self, model: torch.nn.Module, left: list[int], total: int, device, overrides: Overrides) -> None:
         self.left = torch.tensor(left, device=device)
-        self.rope = unwrap(model).rotary_pos_emb
-        table = self.rope(total)[:, 0, 0, :]  # [total, d]: Megatron's angles of positions 0..total-1
+        rope = unwrap(model).rotary_pos_emb
+        table = rope(total)[:, 0, 0, :]  # [total, d]: Megatron's angles of positions 0..total-1
         where = (torch.arange(total, device=device)[:, None] - self.left[None, :]).clamp(min=0)
         rows = table[where.to(table.device)].unsqueeze(2)  # [total, n, 1, d]: broadcasts over heads
 
         def forward(max_seq_len: int, offset: int = 0, packed_seq: bool = False, cp_group=None) -> torch.Tensor:
             return rows[offset : offset + max_seq_len]
 
-        self.rope.forward = forward
+        _override(rope, "forward", forward, overrides)
 
     def positions(self, offset: int, s: int) -> torch.Tensor:
         pos = torch.arange(offset, offset + s, device=self.left.device)
@@ -250,9 +253,6 @@ class _LeftPadding:
         q = torch.arange(offset, offset + s, device=self.left.device)
         k = torch.arange(offset + s, device=self.left.device)
         return ((k[None, :] > q[:, None])[None] | (k[None, None, :] < self.left[:, None, None])).unsqueeze(1)
-
-    def restore(self) -> None:
-        del self.rope.forward  # back to the class's (cached) forward
 
 
 class MegatronEngine:
@@ -339,10 +339,13 @@ class MegatronEngine:
         self.model.eval()
         prev, steps = 0, 0
         hook = self._output_on_last_position() if ctx is not None else None
-        rotated = _rotate_cached_keys_once(self.model) if ctx is not None else []
-        direct = _direct_linears(self.model) + _grouped_query_attention(self.model)
-        padded = _LeftPadding(self.model, left, total, dev) if left is not None else None
+        overrides: Overrides = []  # this generate's decoding paths (see the functions above)
         try:
+            if ctx is not None:
+                _rotate_cached_keys_once(self.model, overrides)
+            _direct_linears(self.model, overrides)
+            _grouped_query_attention(self.model, overrides)
+            padded = _LeftPadding(self.model, left, total, dev, overrides) if left is not None else None
             with precision_pass([self.model], self.precision, "generate"):
                 for cur in range(min(host_first), total):
                     start = prev if ctx is not None else 0
@@ -363,12 +366,8 @@ class MegatronEngine:
         finally:
             if hook is not None:
                 hook.remove()
-            for module in rotated:
-                del module._adjust_key_value_for_inference  # back to the class's method
-            for module in direct:
-                del module.forward
-            if padded is not None:
-                padded.restore()
+            for module, name in overrides:
+                delattr(module, name)  # back to the class's own
             self.model.train(was_training)
         # The rollout goes to the host once: decoding, verifiers and batch bookkeeping run there.
         tokens, logprobs, resp_lens, finished = tokens.cpu(), logprobs.cpu(), resp_lens.cpu(), finished.cpu()

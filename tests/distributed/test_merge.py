@@ -9,6 +9,14 @@ from copd_megatron.checkpoint.merge import merge_tensor
 from copd_megatron.testing import run_distributed
 
 
+def _perturb(model, base: dict, seed: int) -> None:
+    """Set every parameter to its ``base`` value plus seeded N(0, 0.05²) noise (a fake fine-tune)."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(base[name] + 0.05 * torch.randn_like(p))
+
+
 def _save_models(root: str, tp: int, num_layers: int = 2) -> None:
     """Base + three branches (base + noise), saved at TP=``tp``."""
     from copd_megatron.checkpoint.dist_ckpt import save_model
@@ -24,10 +32,7 @@ def _save_models(root: str, tp: int, num_layers: int = 2) -> None:
     save_model([model], f"{root}/base", cfg.model, "fp32")
     base = {k: v.clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
     for i in range(3):
-        torch.manual_seed(100 + i)
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                p.copy_(base[name] + 0.05 * torch.randn_like(p))
+        _perturb(model, base, seed=100 + i)
         save_model([model], f"{root}/b{i}", cfg.model, "fp32")
 
 
@@ -132,10 +137,7 @@ def _trainer_branches_and_base(root: str) -> dict:
     _materialise_optimizer_state(branch.optimizer)  # the Adam state a trained branch has
     base = {k: v.clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
     for i in range(2):
-        torch.manual_seed(10 + i)
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                p.copy_(base[name] + 0.05 * torch.randn_like(p))
+        _perturb(model, base, seed=10 + i)
         save_branch(branch, Path(f"{root}/t{i}"), cfg.model, "fp32")
     args = ["--inputs", f"{root}/t0", f"{root}/t1", "--base", f"{root}/base", "--method", "ties", "--density", "0.5"]
     assert main([*args, "--out", f"{root}/ties"]) == 0

@@ -46,7 +46,7 @@ def _reference(ckpt: str) -> dict:
     import copd_megatron.rollout.megatron_engine as engine_module
 
     grouped = engine_module._grouped_query_attention
-    engine_module._grouped_query_attention = lambda model: []
+    engine_module._grouped_query_attention = lambda model, overrides: None
     try:
         megatron_attention = make(True).generate(PROMPTS, greedy)
     finally:
