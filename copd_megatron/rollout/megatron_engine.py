@@ -17,9 +17,12 @@ so vision-language models prefill with their media.
 Decoding is bound by per-layer work outside the matmuls on CPU, so for the duration of a
 ``generate`` the engine also: stores keys in the cache already rotated (Megatron rotates the whole
 cached prefix again at every step), computes RoPE's cosines and sines once per step for all layers,
-runs TP=1 linear layers as the plain matmul they are, and applies the output layer to the last
-position only. Each is the same arithmetic as Megatron's path (see the functions below); the
-benchmark is ``tools/bench_rollout.py``.
+runs TP=1 linear layers as the plain matmul they are, reads the cache once per KV head in
+grouped-query attention, runs each decode step of a plain local-spec layer at TP=1 as one function
+over the layer's weights (as vLLM writes its models; Megatron's module calls and checks cost more
+than the layer's matmuls at one token per step), and applies the output layer to the last position
+only. Each is the same arithmetic as Megatron's path, in the same order (see the functions below;
+the tests compare them bit for bit); the benchmark is ``tools/bench_rollout.py``.
 
 Sampling is per request: a request's k-th response token is drawn by inverse-CDF sampling with
 the uniform ``counter_uniforms(seed, k)``, so its completion depends on its own seed and tokens
@@ -106,7 +109,22 @@ def _rotate_half_rope(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> 
     return y if rot == t.shape[-1] else torch.cat((y, t[..., rot:]), dim=-1)
 
 
-def _rotate_cached_keys_once(model: torch.nn.Module, overrides: Overrides) -> None:
+class _RopeTables:
+    """RoPE's cosines and sines of one step, computed once and shared by every layer (keyed by the
+    angles' tensor: all layers of a step get the same one from the model's rotary module)."""
+
+    def __init__(self) -> None:
+        self.tables: dict = {}
+
+    def __call__(self, freqs: torch.Tensor, mscale: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (freqs.data_ptr(), tuple(freqs.shape), freqs.stride(), freqs._version, mscale, dtype)
+        if key not in self.tables:
+            self.tables.clear()  # one step at a time; holding ``freqs`` keeps its memory from being reused
+            self.tables[key] = (freqs, (torch.cos(freqs) * mscale).to(dtype), (torch.sin(freqs) * mscale).to(dtype))
+        return self.tables[key][1:]
+
+
+def _rotate_cached_keys_once(model: torch.nn.Module, overrides: Overrides, cos_sin: _RopeTables) -> None:
     """Store keys in the KV cache already rotated, so each step applies RoPE to its new positions only.
 
     Megatron's static-batching cache stores keys *before* RoPE and rotates the whole cached prefix
@@ -124,14 +142,6 @@ def _rotate_cached_keys_once(model: torch.nn.Module, overrides: Overrides) -> No
     from megatron.core.transformer.attention import Attention
 
     modules = [m for m in unwrap(model).modules() if isinstance(m, Attention) and not m.config.flash_decode]
-    tables: dict = {}  # this step's (cos, sin), shared by the layers (keyed by the angles' tensor)
-
-    def cos_sin(freqs: torch.Tensor, mscale: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        key = (freqs.data_ptr(), tuple(freqs.shape), freqs.stride(), freqs._version, mscale, dtype)
-        if key not in tables:
-            tables.clear()  # one step at a time; holding ``freqs`` keeps its memory from being reused
-            tables[key] = (freqs, (torch.cos(freqs) * mscale).to(dtype), (torch.sin(freqs) * mscale).to(dtype))
-        return tables[key][1:]
 
     for attn in modules:
         cfg = attn.config
@@ -159,6 +169,24 @@ def _rotate_cached_keys_once(model: torch.nn.Module, overrides: Overrides) -> No
         _override(attn, "_adjust_key_value_for_inference", adjusted, overrides)
 
 
+def _is_plain_linear(m: torch.nn.Module) -> bool:
+    """A local ``ColumnParallelLinear`` / ``RowParallelLinear`` of a one-rank TP group without
+    sequence parallelism, CPU offloading or deferred weight gradients: one matmul (+ bias)."""
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+
+    return (type(m) in (ColumnParallelLinear, RowParallelLinear) and m.tp_group.size() == 1 and not m.sequence_parallel
+            and m.config._cpu_offloading_context is None and not m.config.defer_embedding_wgrad_compute)  # fmt: skip
+
+
+def _linear(m: torch.nn.Module, x: torch.Tensor, weight: torch.Tensor | None = None):
+    """What a plain linear layer's forward returns: ``(x @ W^T [+ bias], bias if it is returned for
+    a fused bias-add else None)``, the same operations in the same order."""
+    output = torch.matmul(x, (m.weight if weight is None else weight).t())
+    if m.bias is not None and not m.skip_bias_add:
+        return output + m.bias, None
+    return output, m.bias if m.skip_bias_add else None
+
+
 def _direct_linears(model: torch.nn.Module, overrides: Overrides) -> None:
     """Run Megatron's own (local) linear layers of a tensor-parallel group of one rank as the one
     matmul they are, without the autograd-function and communication wrappers around it.
@@ -170,21 +198,46 @@ def _direct_linears(model: torch.nn.Module, overrides: Overrides) -> None:
     for a fused bias-add), which is what this runs: the same operations, in the same order. Layers
     with TP > 1, sequence parallelism, CPU offloading or deferred weight-gradient buffers, and
     Transformer Engine's layers, keep their own forward."""
-    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
-
     for m in unwrap(model).modules():
-        if type(m) not in (ColumnParallelLinear, RowParallelLinear) or m.tp_group.size() != 1:
-            continue
-        if m.sequence_parallel or m.config._cpu_offloading_context is not None or m.config.defer_embedding_wgrad_compute:
-            continue
+        if _is_plain_linear(m):
 
-        def forward(input_, weight=None, runtime_gather_output=None, _m=m):
-            output = torch.matmul(input_, (_m.weight if weight is None else weight).t())
-            if _m.bias is not None and not _m.skip_bias_add:
-                return output + _m.bias, None
-            return output, _m.bias if _m.skip_bias_add else None
+            def forward(input_, weight=None, runtime_gather_output=None, _m=m):
+                return _linear(_m, input_, weight)
 
-        _override(m, "forward", forward, overrides)
+            _override(m, "forward", forward, overrides)
+
+
+def _grouped_attention(m, rep: int, query, key, value, attention_mask) -> torch.Tensor:
+    """Grouped-query attention of Megatron's local ``DotProductAttention`` ``m`` (``rep`` query heads
+    per KV group) without expanding the keys and values, see ``_grouped_query_attention``."""
+    sq, b, heads, hn = query.shape
+    sk, groups = key.shape[0], key.shape[2]
+    # [sq, b, groups*rep, hn] -> [b*groups, rep*sq, hn]: head h = g*rep + r, as repeat_interleave
+    q = query.reshape(sq, b, groups, rep, hn).permute(1, 2, 3, 0, 4).reshape(b * groups, rep * sq, hn)
+    k = key.reshape(sk, b * groups, hn).transpose(0, 1)  # [b*groups, sk, hn], a view of the cache
+    scores = torch.baddbmm(torch.empty(b * groups, rep * sq, sk, dtype=q.dtype, device=q.device),
+                           q, k.transpose(1, 2), beta=0.0, alpha=m.softmax_scale)  # fmt: skip
+    probs = m.scale_mask_softmax(scores.view(b, heads, sq, sk), attention_mask, None)
+    v = value.reshape(sk, b * groups, hn).transpose(0, 1)
+    context = torch.bmm(probs.reshape(b * groups, rep * sq, sk), v)  # [b*groups, rep*sq, hn]
+    context = context.view(b, groups, rep, sq, hn).permute(3, 0, 1, 2, 4)
+    return context.reshape(sq, b, m.hidden_size_per_partition)
+
+
+def _attention(m, query, key, value, attention_mask) -> torch.Tensor:
+    """Megatron's local ``DotProductAttention.forward`` in eval mode with one query head per KV
+    head: the same operations in the same order, without the RNG-tracker fork around the attention
+    dropout (the identity in eval mode)."""
+    sq, b, heads, hn = query.shape
+    sk = key.shape[0]
+    q = query.reshape(sq, b * heads, hn)
+    k = key.view(sk, b * heads, hn)
+    scores = torch.baddbmm(torch.empty(b * heads, sq, sk, dtype=q.dtype, device=q.device),
+                           q.transpose(0, 1), k.transpose(0, 1).transpose(1, 2), beta=0.0, alpha=m.softmax_scale)  # fmt: skip
+    probs = m.scale_mask_softmax(scores.view(b, heads, sq, sk), attention_mask, None)
+    context = torch.bmm(probs.view(b * heads, sq, sk), value.view(sk, b * heads, hn).transpose(0, 1))
+    context = context.view(b, heads, sq, hn).permute(2, 0, 1, 3).contiguous()
+    return context.view(sq, b, m.hidden_size_per_partition)
 
 
 def _grouped_query_attention(model: torch.nn.Module, overrides: Overrides) -> None:
@@ -208,20 +261,139 @@ def _grouped_query_attention(model: torch.nn.Module, overrides: Overrides) -> No
 
         def forward(query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                     packed_seq_params=None, _m=m, _rep=rep):  # fmt: skip
-            sq, b, heads, hn = query.shape
-            sk, groups = key.shape[0], key.shape[2]
-            # [sq, b, groups*rep, hn] -> [b*groups, rep*sq, hn]: head h = g*rep + r, as repeat_interleave
-            q = query.reshape(sq, b, groups, _rep, hn).permute(1, 2, 3, 0, 4).reshape(b * groups, _rep * sq, hn)
-            k = key.reshape(sk, b * groups, hn).transpose(0, 1)  # [b*groups, sk, hn], a view of the cache
-            scores = torch.baddbmm(torch.empty(b * groups, _rep * sq, sk, dtype=q.dtype, device=q.device),
-                                   q, k.transpose(1, 2), beta=0.0, alpha=_m.softmax_scale)  # fmt: skip
-            probs = _m.scale_mask_softmax(scores.view(b, heads, sq, sk), attention_mask, None)
-            v = value.reshape(sk, b * groups, hn).transpose(0, 1)
-            context = torch.bmm(probs.reshape(b * groups, _rep * sq, sk), v)  # [b*groups, rep*sq, hn]
-            context = context.view(b, groups, _rep, sq, hn).permute(3, 0, 1, 2, 4)
-            return context.reshape(sq, b, _m.hidden_size_per_partition)
+            return _grouped_attention(_m, _rep, query, key, value, attention_mask)
 
         _override(m, "forward", forward, overrides)
+
+
+def _norm(m: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``m(x)``; torch's own RMSNorm / LayerNorm (what Megatron's local spec builds without Apex)
+    as the functional call their forward makes, without the module call around it."""
+    if not (m._forward_hooks or m._forward_pre_hooks):
+        if type(m) is torch.nn.RMSNorm:
+            return torch.nn.functional.rms_norm(x, m.normalized_shape, m.weight, m.eps)
+        if type(m) is torch.nn.LayerNorm:
+            return torch.nn.functional.layer_norm(x, m.normalized_shape, m.weight, m.bias, m.eps)
+    return m(x)
+
+
+def _decodes_in_one_function(layer: torch.nn.Module) -> bool:
+    """Whether ``_decode_layer`` computes this layer's decode step exactly as Megatron does: a plain
+    ``TransformerLayer`` (self-attention with Megatron's local core attention and a dense MLP, no
+    cross-attention) whose linear layers are plain one-rank matmuls (``_is_plain_linear``), with
+    unfused non-interleaved RoPE, no output gate, no fp32 residual, no fused bias-dropout-add or
+    bias-activation, no recomputation, offloading or softmax offset."""
+    from megatron.core.transformer.attention import SelfAttention
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+    from megatron.core.transformer.identity_op import IdentityOp
+    from megatron.core.transformer.mlp import MLP
+    from megatron.core.transformer.transformer_layer import TransformerLayer
+
+    if type(layer) is not TransformerLayer:
+        return False
+    attn, mlp, cfg = layer.self_attention, layer.mlp, layer.config
+    if type(attn) is not SelfAttention or type(attn.core_attention) is not DotProductAttention or type(mlp) is not MLP:
+        return False
+    if not (isinstance(layer.pre_cross_attn_layernorm, IdentityOp) and isinstance(layer.cross_attention, IdentityOp)):
+        return False
+    if attn.core_attention.softmax_offset is not None:
+        return False
+    if not all(_is_plain_linear(m) for m in (attn.linear_qkv, attn.linear_proj, mlp.linear_fc1, mlp.linear_fc2)):
+        return False
+    # Anything unknown to this version counts as set: the layer then keeps Megatron's own forward.
+    flags = [getattr(cfg, name, True) for name in (
+        "attention_output_gate", "fp32_residual_connection", "no_rope_freq", "flash_decode", "apply_rope_fusion",
+        "rotary_interleaved", "multi_latent_attention", "bias_activation_fusion", "use_te_activation_func",
+        "inference_fuse_tp_communication", "bias_dropout_fusion", "test_mode")]  # fmt: skip
+    flags += [getattr(layer, name, True) for name in (
+        "recompute_input_layernorm", "recompute_pre_mlp_layernorm", "recompute_mlp", "offload_attn_norm",
+        "offload_mlp_norm")]  # fmt: skip
+    flags += [getattr(attn, name, True) for name in ("offload_qkv_linear", "offload_core_attention")]
+    return not any(flags)
+
+
+def _decode_layer(layer, hidden_states, attention_mask, rotary_pos_emb, ctx, cos_sin: _RopeTables) -> torch.Tensor:
+    """One decode step of a Megatron ``TransformerLayer`` (eval mode, static KV cache at
+    ``ctx.sequence_len_offset > 0``) as one function over the layer's own modules and weights:
+    the operations of ``TransformerLayer.forward`` -> ``SelfAttention.forward`` ->
+    ``DotProductAttention.forward`` and ``MLP.forward`` in the same order, with keys cached
+    already rotated (as ``_rotate_cached_keys_once`` does) and the dropouts left out (the identity
+    in eval mode). See ``_decodes_in_one_function`` for the layers it is used on."""
+    attn, mlp, cfg = layer.self_attention, layer.mlp, layer.config
+    # Self-attention block: input norm, QKV projection split per KV group, RoPE, cache, attention.
+    residual = hidden_states
+    qkv, _ = _linear(attn.linear_qkv, _norm(layer.input_layernorm, hidden_states))
+    groups, hn = attn.num_query_groups_per_partition, attn.hidden_size_per_attention_head
+    rep = attn.num_attention_heads_per_partition // groups
+    qkv = qkv.view(*qkv.shape[:-1], groups, (rep + 2) * hn)
+    query, key, value = torch.split(qkv, [rep * hn, hn, hn], dim=3)
+    query = query.reshape(query.size(0), query.size(1), -1, hn)
+    if attn.q_layernorm is not None:
+        query = attn.q_layernorm(query)
+    if attn.k_layernorm is not None:
+        key = attn.k_layernorm(key)
+    keys, values = ctx.key_value_memory_dict[attn.layer_number]
+    start, b0 = ctx.sequence_len_offset, ctx.batch_size_offset
+    end, b1 = start + key.size(0), b0 + key.size(1)
+    if rotary_pos_emb is not None:
+        cos, sin = cos_sin(rotary_pos_emb[start:end], attn._yarn_concentration_factor, key.dtype)
+        query, key = _rotate_half_rope(query, cos, sin), _rotate_half_rope(key, cos, sin)
+    keys[start:end, b0:b1] = key
+    values[start:end, b0:b1] = value
+    key, value = keys[:end, b0:b1], values[:end, b0:b1]
+    if rep > 1:
+        context = _grouped_attention(attn.core_attention, rep, query, key, value, attention_mask)
+    else:
+        context = _attention(attn.core_attention, query, key, value, attention_mask)
+    out, bias = _linear(attn.linear_proj, context)
+    # Megatron's bias-dropout-add in eval mode, in place: (out + bias) + residual.
+    if bias is not None:
+        out.add_(bias)
+    hidden_states = out.add_(residual)
+    # MLP block: pre-MLP norm, fc1, (gated) activation, fc2, residual.
+    residual = hidden_states
+    inter, bias = _linear(mlp.linear_fc1, _norm(layer.pre_mlp_layernorm, hidden_states))
+    if bias is not None:
+        inter = inter + bias
+    if cfg.gated_linear_unit:
+        x_glu, x_linear = torch.chunk(inter, 2, dim=-1)
+        if (val := cfg.activation_func_clamp_value) is not None:
+            x_glu = x_glu.clamp(min=None, max=val)
+            x_linear = x_linear.clamp(min=-val, max=val)
+        inter = cfg.activation_func(x_glu) * (x_linear + cfg.glu_linear_offset)
+    else:
+        inter = mlp.activation_func(inter)
+    out, bias = _linear(mlp.linear_fc2, inter)
+    if bias is not None:
+        out.add_(bias)
+    return out.add_(residual)
+
+
+# Layer inputs the one-function decode step does not take: a call with any of them set runs
+# Megatron's own layer forward.
+_NOT_DECODED_HERE = ("context", "context_mask", "rotary_pos_cos", "rotary_pos_sin", "rotary_pos_cos_sin",
+                     "attention_bias", "packed_seq_params")  # fmt: skip
+
+
+def _decode_layers(model: torch.nn.Module, overrides: Overrides, cos_sin: _RopeTables) -> None:
+    """Run each decode step of every qualifying layer (``_decodes_in_one_function``) as one function,
+    ``_decode_layer``, as vLLM writes its models: at one token per step on CPU, a Megatron layer
+    spends more time in the Python of its module calls, config checks and context managers than in
+    its matmuls. The prefill (``sequence_len_offset == 0``) and any call the function does not cover
+    run Megatron's own forward. Installed per layer for the duration of one ``generate``."""
+    for layer in unwrap(model).modules():
+        if not _decodes_in_one_function(layer):
+            continue
+
+        def forward(*args, _layer=layer, _original=layer.forward, **kwargs):
+            ctx, hidden_states, emb = kwargs.get("inference_context"), kwargs.get("hidden_states"), kwargs.get("rotary_pos_emb")
+            if (args or ctx is None or hidden_states is None or _layer.training or not ctx.is_static_batching()
+                    or ctx.sequence_len_offset == 0 or hidden_states.size(0) != 1 or isinstance(emb, tuple)
+                    or any(kwargs.get(name) is not None for name in _NOT_DECODED_HERE)):  # fmt: skip
+                return _original(*args, **kwargs)
+            return _decode_layer(_layer, hidden_states, kwargs.get("attention_mask"), emb, ctx, cos_sin), None
+
+        _override(layer, "forward", forward, overrides)
 
 
 class _LeftPadding:
@@ -341,8 +513,10 @@ class MegatronEngine:
         hook = self._output_on_last_position() if ctx is not None else None
         overrides: Overrides = []  # this generate's decoding paths (see the functions above)
         try:
+            cos_sin = _RopeTables()
             if ctx is not None:
-                _rotate_cached_keys_once(self.model, overrides)
+                _rotate_cached_keys_once(self.model, overrides, cos_sin)
+                _decode_layers(self.model, overrides, cos_sin)
             _direct_linears(self.model, overrides)
             _grouped_query_attention(self.model, overrides)
             padded = _LeftPadding(self.model, left, total, dev, overrides) if left is not None else None
