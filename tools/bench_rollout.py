@@ -5,8 +5,10 @@ transformers ``generate`` (the reference a user would reach for), at several mod
     .venv/bin/python tools/bench_rollout.py --new-tokens 256 --sizes 41m
     .venv/bin/python tools/bench_rollout.py --engines megatron megatron-nokv hf   # the KV cache's effect, no vLLM
     .venv/bin/python tools/bench_rollout.py --engines hf megatron --ragged       # prompts of 8..32 tokens
+    python tools/bench_rollout.py --engines hf megatron --sizes 41m 1b --dtype bf16 --batch 32 --prompt-len 64 --new-tokens 128   # on a GPU
 
-One process builds a random Llama-style Megatron model (fp32, TP=1), exports it in memory to
+One process builds a random Llama-style Megatron model (``--dtype``, TP=1, on the GPU where there is
+one, as the trainer does), exports it in memory to
 HF tensors (the live export vLLM is synced with), loads the same tensors into transformers'
 ``LlamaForCausalLM`` and starts vLLM (its CPU build here) from them. Every engine decodes the
 same prompts greedily; a "same tokens" column counts the rows whose new tokens equal transformers'
@@ -36,6 +38,7 @@ SIZES = {
     "11m": (4, 256, 688, 4, 4, 32000),
     "41m": (8, 512, 1376, 8, 8, 32000),
     "41m-gqa": (8, 512, 1376, 8, 2, 32000),  # grouped-query attention (4 query heads per KV head)
+    "1b": (16, 2048, 5632, 16, 8, 32000),  # ~1.1B, the GPU check's train-step model (for a GPU)
 }
 
 
@@ -46,14 +49,14 @@ def _model_cfg(size: str, seq: int) -> dict:
             "init_method_std": 0.05}  # fmt: skip
 
 
-def _hf_model(cfg, tensors: dict):
+def _hf_model(cfg, tensors: dict, dtype: torch.dtype = torch.float32):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from copd_megatron.checkpoint.hf import hf_config_from_model
 
     config = AutoConfig.for_model(**{k: v for k, v in hf_config_from_model(cfg.model).items()
                                      if k not in ("architectures",)})  # fmt: skip
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.load_state_dict(tensors, strict=False)  # tied lm_head follows the embedding
     model.tie_weights()
     return model.eval()
@@ -66,21 +69,24 @@ def _rss_mb_of_children() -> float:
 
 
 def _bench(size: str, engines: list[str], batch: int, prompt_len: int, new_tokens: int, repeats: int,
-           syncs: int, threads: int, ragged: bool = False) -> list[dict]:  # fmt: skip
+           syncs: int, threads: int, ragged: bool = False, dtype: str = "fp32") -> list[dict]:  # fmt: skip
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
     from types import SimpleNamespace
 
     from copd_megatron.checkpoint.hf_export import export_hf_weights
     from copd_megatron.config import config_from_dict, validate
+    from copd_megatron.distributed.device import runtime_device
     from copd_megatron.distributed.init import init_model_parallel, set_seed
     from copd_megatron.model.build import build_model_chunks
     from copd_megatron.rollout.megatron_engine import MegatronEngine
     from copd_megatron.rollout.types import SamplingParams
 
     torch.set_num_threads(threads)
+    device = runtime_device()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     cfg = config_from_dict({"schedule": {"mode": "smoke"}, "model": _model_cfg(size, 2 * prompt_len + new_tokens + 8),
-                            "precision": {"params_dtype": "fp32"},
+                            "precision": {"params_dtype": dtype},
                             "rollout": {"vllm": {"kv_cache_gb": 0.5, "max_num_seqs": batch}}})  # fmt: skip
     init_model_parallel(validate(cfg, dist.get_world_size()))
     set_seed(0)
@@ -101,17 +107,17 @@ def _bench(size: str, engines: list[str], batch: int, prompt_len: int, new_token
     params = sum(p.numel() for c in chunks for p in c.parameters())
     runs: dict[str, tuple] = {}  # engine name -> (generate(params), tokens of its output, extra columns)
     if "hf" in engines:
-        model = _hf_model(cfg, dict(export()))
+        model = _hf_model(cfg, dict(export()), {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]).to(device)
         # Left-padded with an attention mask, as transformers batches prompts of different lengths.
-        ids = torch.tensor([[0] * (longest - len(q)) + q for q in prompts])
-        attention = torch.tensor([[0] * (longest - len(q)) + [1] * len(q) for q in prompts])
+        ids = torch.tensor([[0] * (longest - len(q)) + q for q in prompts], device=device)
+        attention = torch.tensor([[0] * (longest - len(q)) + [1] * len(q) for q in prompts], device=device)
 
         def hf_gen(p):
             with torch.no_grad():
                 return model.generate(ids, attention_mask=attention, max_new_tokens=p.max_new_tokens,
                                       min_new_tokens=p.max_new_tokens, do_sample=False, pad_token_id=0)  # fmt: skip
 
-        runs["transformers generate"] = (hf_gen, lambda out: out[:, longest:], {})
+        runs["transformers generate"] = (hf_gen, lambda out: out[:, longest:].cpu(), {})
     for name, kv in (("megatron", True), ("megatron-nokv", False)):
         if name in engines:
             engine_m = MegatronEngine(chunks[0], cfg.model.vocab_size, use_kv_cache=kv)
@@ -137,8 +143,10 @@ def _bench(size: str, engines: list[str], batch: int, prompt_len: int, new_token
     for _ in range(repeats):
         for name, (gen, _, _) in runs.items():
             for i, p in enumerate((first, greedy)):
+                sync()
                 t0, c0 = time.perf_counter(), time.process_time()
                 out = gen(p)
+                sync()
                 best[name][i] = min(best[name][i], time.perf_counter() - t0)
             best[name][2] = out
             best[name][3] = min(best[name][3], time.process_time() - c0)
@@ -174,15 +182,17 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--syncs", type=int, default=3, help="vLLM weight updates to time")
     p.add_argument("--threads", type=int, default=1, help="torch threads of the Megatron / transformers engines")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="weights and compute dtype")
     a = p.parse_args()
     prompt = f"{max(1, a.prompt_len // 2)}-{2 * a.prompt_len} (ragged)" if a.ragged else a.prompt_len
-    print(f"batch={a.batch} prompt={prompt} new_tokens={a.new_tokens} greedy fp32 TP=1 "
-          f"threads={a.threads} (best of {a.repeats})")  # fmt: skip
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
+    print(f"batch={a.batch} prompt={prompt} new_tokens={a.new_tokens} greedy {a.dtype} TP=1 "
+          f"threads={a.threads} device={device} (best of {a.repeats})")  # fmt: skip
     print("| model | engine | tokens/s | TTFT (s) | CPU ms per token | same tokens as transformers | vLLM start (s) "
           "| vLLM RSS (MiB) | weight sync per update (s) |\n|---|---|---:|---:|---:|---|---:|---:|---:|")  # fmt: skip
     for size in a.sizes:
         rows = run_distributed(_bench, 1, args=(size, a.engines, a.batch, a.prompt_len, a.new_tokens, a.repeats,
-                                                a.syncs, a.threads, a.ragged), timeout=3600)[0]  # fmt: skip
+                                                a.syncs, a.threads, a.ragged, a.dtype), timeout=3600)[0]  # fmt: skip
         for r in rows:
             extra = [f"{r[k]:.{d}f}" if k in r else "" for k, d in (("start_s", 1), ("rss_mb", 0), ("sync_s", 2))]
             cpu = f"{r['cpu_ms']:.2f}" if "cpu_ms" in r else ""

@@ -13,7 +13,7 @@
 #    importable; otherwise the report says TE was absent and everything else still runs;
 # 3. runs `pytest -m gpu tests/gpu` (train step vs the CPU/fp32 reference, the CoPD tiny config end
 #    to end, TE vs local logits, FP8 vs bf16, tokens/s and MFU of a ~1B Llama-style step, peak memory
-#    per phase) and writes <report-dir>/report.md (default runs/gpu_check) with device, date, commit,
+#    per phase, rollout tokens/s of the Megatron engine vs transformers generate) and writes <report-dir>/report.md (default runs/gpu_check) with device, date, commit,
 #    next to records.jsonl, pytest.log and install.log (four files, nothing else).
 # --dry-run: steps 1 and the plan only (no GPU needed; the CPU test suite runs it).
 # Exit codes: 0 all GPU tests passed, 1 a test failed, 2 the machine or the wheel folder is not ready.

@@ -26,6 +26,7 @@ SECTIONS = {
     "te_spec": "Transformer Engine spec vs local spec (same converted base)",
     "fp8": "FP8 train step vs bf16 (Transformer Engine)",
     "throughput": "Throughput of a ~1B Llama-style train step",
+    "rollout": "Rollouts: Megatron engine vs transformers generate (same weights)",
     "memory": "Peak GPU memory per phase",
 }
 
