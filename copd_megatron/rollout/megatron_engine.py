@@ -232,8 +232,8 @@ def _attention(m, query, key, value, attention_mask) -> torch.Tensor:
     sk = key.shape[0]
     q = query.reshape(sq, b * heads, hn)
     k = key.view(sk, b * heads, hn)
-    scores = torch.baddbmm(torch.empty(b * heads, sq, sk, dtype=q.dtype, device=q.device),
-                           q.transpose(0, 1), k.transpose(0, 1).transpose(1, 2), beta=0.0, alpha=m.softmax_scale)  # fmt: skip
+    scores = torch.baddbmm(torch.empty(b * heads, sq, sk, dtype=q.dtype, device=q.device), q.transpose(0, 1),
+                           k.transpose(0, 1).transpose(1, 2), beta=0.0, alpha=m.softmax_scale)  # fmt: skip
     probs = m.scale_mask_softmax(scores.view(b, heads, sq, sk), attention_mask, None)
     context = torch.bmm(probs.view(b * heads, sq, sk), value.view(sk, b * heads, hn).transpose(0, 1))
     context = context.view(b, heads, sq, hn).permute(2, 0, 1, 3).contiguous()
@@ -386,7 +386,8 @@ def _decode_layers(model: torch.nn.Module, overrides: Overrides, cos_sin: _RopeT
             continue
 
         def forward(*args, _layer=layer, _original=layer.forward, **kwargs):
-            ctx, hidden_states, emb = kwargs.get("inference_context"), kwargs.get("hidden_states"), kwargs.get("rotary_pos_emb")
+            ctx, hidden_states = kwargs.get("inference_context"), kwargs.get("hidden_states")
+            emb = kwargs.get("rotary_pos_emb")
             if (args or ctx is None or hidden_states is None or _layer.training or not ctx.is_static_batching()
                     or ctx.sequence_len_offset == 0 or hidden_states.size(0) != 1 or isinstance(emb, tuple)
                     or any(kwargs.get(name) is not None for name in _NOT_DECODED_HERE)):  # fmt: skip

@@ -38,7 +38,8 @@ def test_megatron_engine_vs_transformers_generate(size: str, record) -> None:
     note = f"{ours['params_m']:.0f}M params, {BATCH} prompts x {PROMPT} tokens, {NEW} new, greedy, bf16, TP=1"
     record("rollout", f"{size}: transformers generate tokens/s", round(hf["tokens_per_s"]), "tokens/s", note)
     record("rollout", f"{size}: Megatron engine tokens/s", round(ours["tokens_per_s"]), "tokens/s", note)
-    record("rollout", f"{size}: Megatron engine / transformers", round(ours["tokens_per_s"] / hf["tokens_per_s"], 3), "x")
+    ratio = round(ours["tokens_per_s"] / hf["tokens_per_s"], 3)
+    record("rollout", f"{size}: Megatron engine / transformers", ratio, "x")
     record("rollout", f"{size}: time to first token, transformers / Megatron",
            f"{hf['ttft_s']:.3f} / {ours['ttft_s']:.3f}", "s")  # fmt: skip
     record("rollout", f"{size}: rows with transformers' tokens", ours["same"], "", "greedy, bf16")
