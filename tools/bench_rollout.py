@@ -78,7 +78,7 @@ def _bench(size: str, engines: list[str], batch: int, prompt_len: int, new_token
     from copd_megatron.config import config_from_dict, validate
     from copd_megatron.distributed.device import runtime_device
     from copd_megatron.distributed.init import init_model_parallel, set_seed
-    from copd_megatron.model.build import build_model_chunks
+    from copd_megatron.model.build import DTYPES, build_model_chunks
     from copd_megatron.rollout.megatron_engine import MegatronEngine
     from copd_megatron.rollout.types import SamplingParams
 
@@ -107,7 +107,7 @@ def _bench(size: str, engines: list[str], batch: int, prompt_len: int, new_token
     params = sum(p.numel() for c in chunks for p in c.parameters())
     runs: dict[str, tuple] = {}  # engine name -> (generate(params), tokens of its output, extra columns)
     if "hf" in engines:
-        model = _hf_model(cfg, dict(export()), {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]).to(device)
+        model = _hf_model(cfg, dict(export()), DTYPES[dtype]).to(device)
         # Left-padded with an attention mask, as transformers batches prompts of different lengths.
         ids = torch.tensor([[0] * (longest - len(q)) + q for q in prompts], device=device)
         attention = torch.tensor([[0] * (longest - len(q)) + [1] * len(q) for q in prompts], device=device)

@@ -208,8 +208,11 @@ def _direct_linears(model: torch.nn.Module, overrides: Overrides) -> None:
 
 
 def _grouped_attention(m, rep: int, query, key, value, attention_mask) -> torch.Tensor:
-    """Grouped-query attention of Megatron's local ``DotProductAttention`` ``m`` (``rep`` query heads
-    per KV group) without expanding the keys and values, see ``_grouped_query_attention``."""
+    """Megatron's local ``DotProductAttention`` ``m`` in eval mode with ``rep`` query heads per KV
+    group, without expanding the keys and values (see ``_grouped_query_attention``) and without the
+    RNG-tracker fork around the attention dropout (the identity in eval mode). With ``rep == 1``
+    (multi-head attention) the operands are laid out as Megatron's own and the result is its result
+    bit for bit (tested through ``_decode_layer``)."""
     sq, b, heads, hn = query.shape
     sk, groups = key.shape[0], key.shape[2]
     # [sq, b, groups*rep, hn] -> [b*groups, rep*sq, hn]: head h = g*rep + r, as repeat_interleave
@@ -222,22 +225,6 @@ def _grouped_attention(m, rep: int, query, key, value, attention_mask) -> torch.
     context = torch.bmm(probs.reshape(b * groups, rep * sq, sk), v)  # [b*groups, rep*sq, hn]
     context = context.view(b, groups, rep, sq, hn).permute(3, 0, 1, 2, 4)
     return context.reshape(sq, b, m.hidden_size_per_partition)
-
-
-def _attention(m, query, key, value, attention_mask) -> torch.Tensor:
-    """Megatron's local ``DotProductAttention.forward`` in eval mode with one query head per KV
-    head: the same operations in the same order, without the RNG-tracker fork around the attention
-    dropout (the identity in eval mode)."""
-    sq, b, heads, hn = query.shape
-    sk = key.shape[0]
-    q = query.reshape(sq, b * heads, hn)
-    k = key.view(sk, b * heads, hn)
-    scores = torch.baddbmm(torch.empty(b * heads, sq, sk, dtype=q.dtype, device=q.device), q.transpose(0, 1),
-                           k.transpose(0, 1).transpose(1, 2), beta=0.0, alpha=m.softmax_scale)  # fmt: skip
-    probs = m.scale_mask_softmax(scores.view(b, heads, sq, sk), attention_mask, None)
-    context = torch.bmm(probs.view(b * heads, sq, sk), value.view(sk, b * heads, hn).transpose(0, 1))
-    context = context.view(b, heads, sq, hn).permute(2, 0, 1, 3).contiguous()
-    return context.view(sq, b, m.hidden_size_per_partition)
 
 
 def _grouped_query_attention(model: torch.nn.Module, overrides: Overrides) -> None:
@@ -341,10 +328,7 @@ def _decode_layer(layer, hidden_states, attention_mask, rotary_pos_emb, ctx, cos
     keys[start:end, b0:b1] = key
     values[start:end, b0:b1] = value
     key, value = keys[:end, b0:b1], values[:end, b0:b1]
-    if rep > 1:
-        context = _grouped_attention(attn.core_attention, rep, query, key, value, attention_mask)
-    else:
-        context = _attention(attn.core_attention, query, key, value, attention_mask)
+    context = _grouped_attention(attn.core_attention, rep, query, key, value, attention_mask)
     out, bias = _linear(attn.linear_proj, context)
     # Megatron's bias-dropout-add in eval mode, in place: (out + bias) + residual.
     if bias is not None:

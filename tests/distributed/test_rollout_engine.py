@@ -42,15 +42,17 @@ def _reference(ckpt: str) -> dict:
     stopped = make(True).generate(PROMPTS[:1], SamplingParams(max_new_tokens=8, greedy=True, stop_token_ids=(first,)))
     alone = [make(True).generate([p], greedy) for p in PROMPTS]  # no padding anywhere: the reference
     # The tiny preset has 2 query heads per KV group: the engine's grouped attention vs Megatron's
-    # own DotProductAttention (which expands the cached keys and values per head).
+    # own DotProductAttention (which expands the cached keys and values per head), in the prefill
+    # and in the decode steps (whose one-function layer uses the grouped attention too).
     import copd_megatron.rollout.megatron_engine as engine_module
 
-    grouped = engine_module._grouped_query_attention
+    grouped, one_function = engine_module._grouped_query_attention, engine_module._decode_layers
     engine_module._grouped_query_attention = lambda model, overrides: None
+    engine_module._decode_layers = lambda model, overrides, cos_sin: None
     try:
         megatron_attention = make(True).generate(PROMPTS, greedy)
     finally:
-        engine_module._grouped_query_attention = grouped
+        engine_module._grouped_query_attention, engine_module._decode_layers = grouped, one_function
     return {"kv": with_kv, "no_kv": no_kv, "sampled": sampled, "top1": top1, "stopped": stopped, "alone": alone,
             "megatron_attention": megatron_attention}
 
